@@ -1,0 +1,37 @@
+# headprune: set-up, tests and lint. Everything runs inside $(VENV), created from scratch by `make install`.
+PYTHON ?= python3
+VENV ?= .venv
+# The torch build to install first. The default takes the local CPU wheel on the project's machines; on a GPU box
+# pick a CUDA build, e.g. `make install TORCH_SPEC=torch==2.13.0 TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128`.
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX_URL ?=
+PYTEST_ARGS ?=
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.headprune-installed
+
+.PHONY: install test test-all lint bench-data clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH_SPEC) $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+# pytest exits 5 when it collected nothing: say so, and keep the failure (a run of no tests is never green).
+test: install
+	@$(BIN)/python -m pytest $(PYTEST_ARGS) || { s=$$?; [ $$s -ne 5 ] || echo "make test: pytest collected no tests" >&2; exit $$s; }
+
+test-all: install
+	$(BIN)/python -m pytest -m '' $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+
+bench-data: install
+	$(BIN)/python experiments/benchmarks/data_prep.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
