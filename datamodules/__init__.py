@@ -1,0 +1,1 @@
+"""WikiText data for headprune: vocabulary, token-id caches and Transformer-XL ordered batches."""

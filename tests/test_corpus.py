@@ -1,0 +1,177 @@
+"""Text -> ids: the Arrow encoder against plain Python, the token cache's life cycle, and bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from datamodules import corpus
+from datamodules.corpus import CorpusCache, WikiTextSource, count_words, encode_lines
+from datamodules.vocab import Vocabulary
+from tests.conftest import write_corpus
+
+
+def python_encode(lines: list[str], vocab: Vocabulary) -> np.ndarray:
+    """The reference: str.split() per line, one end-of-line id after each."""
+    return np.asarray([i for line in lines for i in vocab.encode(line)], dtype=np.uint32)
+
+
+TRICKY_LINES = [" = Title = ", "", " ", "a  b\tc ", "\u3000wide\u00a0space\u2009thin ", "a", "  b  b  "]
+
+
+def test_arrow_encoder_equals_python_split_on_tricky_whitespace():
+    words, counts = count_words([pa.array(TRICKY_LINES)])
+    vocab = Vocabulary.from_counts(words, counts)
+    python_counts = {}
+    for line in TRICKY_LINES:
+        for word in line.split():
+            python_counts[word] = python_counts.get(word, 0) + 1
+    assert dict(zip(words, counts, strict=True)) == python_counts
+    np.testing.assert_array_equal(encode_lines(pa.array(TRICKY_LINES), vocab), python_encode(TRICKY_LINES, vocab))
+
+
+def test_arrow_encoder_equals_python_on_real_wikitext(wt2, wikitext2_dir: Path):
+    lines = (wikitext2_dir / "wiki.valid.tokens").read_text(encoding="utf-8").split("\n")[:-1]
+    expected = python_encode(lines, wt2.vocab)
+    np.testing.assert_array_equal(encode_lines(pa.array(lines), wt2.vocab), expected)
+    np.testing.assert_array_equal(np.asarray(wt2._split_tokens("valid")), expected)
+
+
+def test_streaming_and_materialised_paths_give_identical_ids(wt2, wikitext2_dir: Path, tmp_path: Path):
+    streamed = CorpusCache(WikiTextSource("wikitext-2", wikitext2_dir, streaming=True), tmp_path)
+    vocab = streamed.prepare()
+    assert vocab.itos == wt2.vocab.itos
+    _, tokens = streamed.load()
+    for split in corpus.SPLITS:
+        np.testing.assert_array_equal(np.asarray(tokens[split]), np.asarray(wt2._split_tokens(split)))
+
+
+def prepared(synthetic_dir: Path, root: Path) -> tuple[CorpusCache, Vocabulary]:
+    cache = CorpusCache(WikiTextSource("wikitext-2", synthetic_dir), root)
+    return cache, cache.prepare()
+
+
+def test_cache_is_reused_without_reencoding(synthetic_dir: Path, tmp_path: Path, monkeypatch):
+    cache, vocab = prepared(synthetic_dir, tmp_path)
+    paths = [cache.tokens_path(s, vocab) for s in corpus.SPLITS]
+    inodes = [p.stat().st_ino for p in paths]
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a valid cache was encoded again")
+
+    monkeypatch.setattr(corpus, "encode_lines", fail)
+    monkeypatch.setattr(corpus, "count_words", fail)
+    again = CorpusCache(WikiTextSource("wikitext-2", synthetic_dir), tmp_path)
+    assert again.prepare().itos == vocab.itos
+    assert [p.stat().st_ino for p in paths] == inodes
+
+
+@pytest.mark.parametrize("damage", ["flip_byte", "truncate", "drop_manifest", "garble_manifest", "old_format"])
+def test_damaged_cache_is_detected_and_rebuilt(synthetic_dir: Path, tmp_path: Path, damage: str):
+    cache, vocab = prepared(synthetic_dir, tmp_path)
+    path = cache.tokens_path("train", vocab)
+    manifest = path.with_name(path.name + ".json")
+    good = path.read_bytes()
+    if damage == "flip_byte":
+        path.write_bytes(good[:4] + bytes([good[4] ^ 0xFF]) + good[5:])
+    elif damage == "truncate":
+        path.write_bytes(good[:-4])
+    elif damage == "drop_manifest":
+        manifest.unlink()
+    elif damage == "garble_manifest":
+        manifest.write_text("{not json")
+    else:
+        manifest.write_text(manifest.read_text().replace('"format": 1', '"format": 0'))
+    if damage in ("truncate", "drop_manifest", "garble_manifest", "old_format"):
+        with pytest.raises(FileNotFoundError, match="prepare_data"):
+            cache.load()
+    cache.prepare()
+    assert path.read_bytes() == good
+    _, tokens = cache.load()
+    assert bytes(np.asarray(tokens["train"]).data) == good
+
+
+def test_a_write_killed_midway_leaves_no_usable_file(synthetic_dir: Path, tmp_path: Path, monkeypatch):
+    cache = CorpusCache(WikiTextSource("wikitext-2", synthetic_dir), tmp_path)
+    real_encode = corpus.encode_lines
+    calls = {"n": 0}
+
+    def dies_on_second_split(lines, vocab):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # stands in for a kill during the valid split
+        return real_encode(lines, vocab)
+
+    monkeypatch.setattr(corpus, "encode_lines", dies_on_second_split)
+    with pytest.raises(KeyboardInterrupt):
+        cache.prepare()
+    vocab = Vocabulary.load(cache.vocab_path)
+    assert not cache.tokens_path("valid", vocab).exists()
+    assert not list(cache.dir.glob(".*.tmp")), "temporary files must be cleaned up"
+    monkeypatch.setattr(corpus, "encode_lines", real_encode)
+    cache.prepare()
+    assert len(cache.load()[1]["valid"]) > 0
+
+
+def test_changed_source_text_makes_the_cache_stale(synthetic_dir: Path, tmp_path: Path):
+    cache, vocab = prepared(synthetic_dir, tmp_path)
+    write_corpus(synthetic_dir, {"test": " the cat sat on the mat again and again . \n"})
+    cache.prepare()
+    _, tokens = cache.load()
+    assert vocab.decode(tokens["test"].tolist()) == "the cat sat on the mat <unk> and <unk> .\n"
+
+
+def test_new_train_text_rebuilds_the_vocabulary(synthetic_dir: Path, tmp_path: Path):
+    cache, vocab = prepared(synthetic_dir, tmp_path)
+    write_corpus(synthetic_dir, {"train": " zebra zebra zebra the \n"})
+    new_vocab = cache.prepare()
+    assert new_vocab.itos[:4] == ["<unk>", "</s>", "zebra", "the"]
+    assert cache.tokens_path("valid", new_vocab) != cache.tokens_path("valid", vocab)
+
+
+def test_missing_data_dir(tmp_path: Path):
+    with pytest.raises(FileNotFoundError, match=r"does not exist.*data_dir"):
+        CorpusCache(WikiTextSource("wikitext-2", tmp_path / "nowhere"), tmp_path).prepare()
+
+
+def test_empty_data_dir(tmp_path: Path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="holds no WikiText files"):
+        CorpusCache(WikiTextSource("wikitext-2", tmp_path / "empty"), tmp_path).prepare()
+
+
+def test_missing_split_file(synthetic_dir: Path, tmp_path: Path):
+    (synthetic_dir / "wiki.valid.tokens").unlink()
+    with pytest.raises(FileNotFoundError, match=r"missing wiki\.valid\.tokens"):
+        CorpusCache(WikiTextSource("wikitext-2", synthetic_dir), tmp_path).prepare()
+
+
+def test_empty_split_file(synthetic_dir: Path, tmp_path: Path):
+    (synthetic_dir / "wiki.test.tokens").write_text("")
+    with pytest.raises(ValueError, match=r"wiki\.test\.tokens is empty"):
+        CorpusCache(WikiTextSource("wikitext-2", synthetic_dir), tmp_path).prepare()
+
+
+def test_non_utf8_file(synthetic_dir: Path, tmp_path: Path):
+    (synthetic_dir / "wiki.valid.tokens").write_bytes(b" caf\xe9 au lait \n")
+    with pytest.raises(ValueError, match=r"wiki\.valid\.tokens is not UTF-8"):
+        CorpusCache(WikiTextSource("wikitext-2", synthetic_dir), tmp_path).prepare()
+
+
+def test_unknown_dataset_name():
+    with pytest.raises(ValueError, match=r"unknown dataset name 'wikitext-3'.*wikitext-103, wikitext-2"):
+        WikiTextSource("wikitext-3")
+
+
+def test_unreachable_hub_says_to_pass_a_local_data_dir(tmp_path: Path, monkeypatch):
+    import datasets
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    cache = CorpusCache(WikiTextSource("wikitext-2", None, hf_cache_dir=tmp_path / "hf"), tmp_path)
+    with pytest.raises(ConnectionError, match=r"could not reach the Hugging Face hub.*pass data_dir="):
+        cache.prepare()
