@@ -1,0 +1,1 @@
+"""The headprune model (plain PyTorch) and the LightningModule that trains it."""

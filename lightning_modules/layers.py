@@ -1,0 +1,94 @@
+"""Pre-norm Transformer layers with recurrence memory: All-attention (no FFN) and Transformer-XL (with FFN).
+
+Both take the layer input h [B, T, d], the layer's memory [B, M, d] (earlier inputs of this layer, not yet
+normalised) and the position-table rows [S, d]; the same LayerNorm normalises h and the memory (PAPER 1.2).
+"""
+
+from torch import Tensor, nn
+
+from lightning_modules.attention import RelativeMultiHeadAttention
+
+
+class AllAttentionLayer(nn.Module):
+    """All-attention layer: h + Drop(Attn(LN(h), LN(mem))), where the attention has persistent key/value
+    slots per head that stand in for the feed-forward sublayer (PAPER 1.2)."""
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        d_head: int,
+        n_persistent: int,
+        dropout: float = 0.1,
+        dropatt: float = 0.0,
+        same_length: bool = True,
+        attn_impl: str = "sdpa",
+    ) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d_model)
+        self.attn = RelativeMultiHeadAttention(
+            d_model, n_heads, d_head, n_persistent=n_persistent, dropatt=dropatt,
+            same_length=same_length, impl=attn_impl,
+        )
+        self.drop = nn.Dropout(dropout)
+
+    def forward(
+        self, h: Tensor, mem: Tensor | None, pos_emb: Tensor, head_scale: Tensor | None = None
+    ) -> Tensor:
+        """h [B, T, d], mem [B, M, d] or None, pos_emb [S, d] -> [B, T, d]."""
+        m = None if mem is None else self.norm(mem)
+        return h + self.drop(self.attn(self.norm(h), m, pos_emb, head_scale=head_scale))
+
+    def flops_per_token(self, context_len: int) -> int:
+        """Forward multiply-accumulates per token (the attention's; LN and residual are not counted)."""
+        return self.attn.flops_per_token(context_len)
+
+
+class FeedForward(nn.Module):
+    """Position-wise feed-forward: Linear(d, d_inner) -> ReLU -> Dropout -> Linear(d_inner, d)."""
+
+    def __init__(self, d_model: int, d_inner: int, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.fc_in = nn.Linear(d_model, d_inner)
+        self.fc_out = nn.Linear(d_inner, d_model)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x [B, T, d] -> [B, T, d]."""
+        return self.fc_out(self.drop(self.fc_in(x).relu()))
+
+
+class TransformerXLLayer(nn.Module):
+    """Transformer-XL layer, pre-norm: h + Drop(Attn(LN1(h), LN1(mem))), then h + Drop(FF(LN2(h)))."""
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        d_head: int,
+        d_inner: int,
+        dropout: float = 0.1,
+        dropatt: float = 0.0,
+        same_length: bool = True,
+        attn_impl: str = "sdpa",
+    ) -> None:
+        super().__init__()
+        self.attn_norm = nn.LayerNorm(d_model)
+        self.attn = RelativeMultiHeadAttention(
+            d_model, n_heads, d_head, n_persistent=0, dropatt=dropatt, same_length=same_length, impl=attn_impl
+        )
+        self.ff_norm = nn.LayerNorm(d_model)
+        self.ff = FeedForward(d_model, d_inner, dropout)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(
+        self, h: Tensor, mem: Tensor | None, pos_emb: Tensor, head_scale: Tensor | None = None
+    ) -> Tensor:
+        """h [B, T, d], mem [B, M, d] or None, pos_emb [S, d] -> [B, T, d]."""
+        m = None if mem is None else self.attn_norm(mem)
+        h = h + self.drop(self.attn(self.attn_norm(h), m, pos_emb, head_scale=head_scale))
+        return h + self.drop(self.ff(self.ff_norm(h)))
+
+    def flops_per_token(self, context_len: int) -> int:
+        """Forward multiply-accumulates per token: attention plus the two FF matmuls (2·d·d_inner)."""
+        return self.attn.flops_per_token(context_len) + 2 * self.ff.fc_in.in_features * self.ff.fc_in.out_features

@@ -1,0 +1,344 @@
+"""MemoryTransformerLM: a Transformer-XL style language model with recurrence memory whose layers are either
+All-attention layers (persistent memory, no FFN) or Transformer-XL layers (attention + FFN) (PAPER 1.1).
+
+Forward: adaptive embedding -> input dropout -> x sqrt(d) -> layers, each with its own memory -> dropout
+-> tied adaptive softmax. No final LayerNorm.
+"""
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import pairwise
+
+import torch
+from torch import Tensor, nn
+
+from lightning_modules.adaptive import AdaptiveEmbedding, AdaptiveSoftmax, cluster_dims
+from lightning_modules.attention import ATTN_IMPLS, RelativeMultiHeadAttention
+from lightning_modules.layers import AllAttentionLayer, FeedForward, TransformerXLLayer
+
+LAYER_TYPES = ("all_attention", "transformer_xl")
+
+
+@dataclass
+class LMOutput:
+    """What MemoryTransformerLM.forward returns.
+
+    memory: n_layers + 1 detached tensors [B, mem_len, d]: the inputs of layers 0..L-1 (entry 0 is the
+        scaled embedding output) and the output of the last layer, each the last mem_len positions of
+        [old memory ; this segment]. Pass it back as `memory` for the next segment.
+    nll: per-token negative log-likelihood [B, T] (fp32; 0 where the target is -100), when targets are given.
+    log_probs: full log-distribution [B, T, V] (fp32), when no targets are given.
+    """
+
+    memory: list[Tensor]
+    nll: Tensor | None = None
+    log_probs: Tensor | None = None
+
+
+def _uniform_(t: Tensor, bound: float) -> None:
+    nn.init.uniform_(t, -bound, bound)
+
+
+class MemoryTransformerLM(nn.Module):
+    """Language model over segments of T tokens with a recurrence memory of mem_len positions per layer.
+
+    Args:
+        vocab_size: number of word types V (ids sorted by frequency, as the adaptive softmax expects).
+        layer_type: "all_attention" (PAPER 1.2) or "transformer_xl" (attention + FFN).
+        n_layers, d_model, n_heads, d_head: L, d, H and the per-head width D.
+        n_persistent: persistent key/value slots per head N (All-attention only).
+        d_inner: FFN width (Transformer-XL only).
+        tgt_len: segment length the model is trained at (used for FLOP accounting and argument checks).
+        mem_len: memory length M; `memory=None` means M zeros, so S = M + T keys of context.
+        cutoffs: adaptive softmax/input cluster boundaries, strictly increasing and < vocab_size;
+            empty = a plain full softmax tied to a plain embedding.
+        div_value: each cluster is div_value times narrower than the previous one.
+        dropout: residual dropout (also inside the FFN).
+        dropatt: attention-probability dropout, over context and persistent slots alike.
+        dropemb: input dropout, on the embedding output and on the position table.
+        word_dropout: drops whole word types from the input embedding tables (training only).
+        dropout_out: dropout before the softmax; None = 1 - (1 - dropout)**2, the same distribution as the
+            official code's two consecutive dropouts (proj_drop, output_drop).
+        same_length: each query attends exactly mem_len + 1 context keys (PAPER 1.1); else plain causal.
+        max_len: rows of the learned position table P; mem_len + T must not exceed it.
+        init_s1: uniform init bound for embeddings, adaptive projections, W_o and P; None = sqrt(1/d).
+        init_s2: uniform init bound for W_q/k/v/r, FFN, cluster logits and persistent K/V;
+            None = sqrt(1/(d·L)) (PAPER 1.3).
+        attn_impl: "sdpa" (fused scaled_dot_product_attention) or "reference" (explicit softmax).
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        layer_type: str = "all_attention",
+        n_layers: int = 16,
+        d_model: int = 512,
+        n_heads: int = 8,
+        d_head: int = 64,
+        n_persistent: int = 2048,
+        d_inner: int = 2048,
+        tgt_len: int = 192,
+        mem_len: int = 192,
+        cutoffs: Sequence[int] = (20000, 40000, 200000),
+        div_value: float = 4.0,
+        dropout: float = 0.1,
+        dropatt: float = 0.0,
+        dropemb: float = 0.1,
+        word_dropout: float = 0.0,
+        dropout_out: float | None = None,
+        same_length: bool = True,
+        max_len: int = 512,
+        init_s1: float | None = None,
+        init_s2: float | None = None,
+        attn_impl: str = "sdpa",
+    ) -> None:
+        super().__init__()
+        cutoffs = list(cutoffs)
+        if dropout_out is None:
+            dropout_out = 1 - (1 - dropout) ** 2
+        _check_args(
+            vocab_size=vocab_size, layer_type=layer_type, n_layers=n_layers, d_model=d_model, n_heads=n_heads,
+            d_head=d_head, n_persistent=n_persistent, d_inner=d_inner, tgt_len=tgt_len, mem_len=mem_len,
+            cutoffs=cutoffs, div_value=div_value, dropouts={"dropout": dropout, "dropatt": dropatt,
+            "dropemb": dropemb, "word_dropout": word_dropout, "dropout_out": dropout_out},
+            same_length=same_length, max_len=max_len, attn_impl=attn_impl,
+        )
+        self.vocab_size, self.layer_type, self.n_layers, self.d_model = vocab_size, layer_type, n_layers, d_model
+        self.tgt_len, self.mem_len, self.max_len = tgt_len, mem_len, max_len
+
+        self.embedding = AdaptiveEmbedding(vocab_size, d_model, cutoffs, div_value, word_dropout)
+        self.drop_emb = nn.Dropout(dropemb)
+        self.pos_table = nn.Parameter(torch.empty(max_len, d_model))  # learned P; row r <-> distance S-1-r
+        common = dict(dropout=dropout, dropatt=dropatt, same_length=same_length, attn_impl=attn_impl)
+        if layer_type == "all_attention":
+            layers = [AllAttentionLayer(d_model, n_heads, d_head, n_persistent, **common) for _ in range(n_layers)]
+        else:
+            layers = [TransformerXLLayer(d_model, n_heads, d_head, d_inner, **common) for _ in range(n_layers)]
+        self.layers = nn.ModuleList(layers)
+        self.drop_out = nn.Dropout(dropout_out)
+        self.softmax = AdaptiveSoftmax(self.embedding)  # tied to the embedding (PAPER 1.4)
+
+        s1 = math.sqrt(1 / d_model) if init_s1 is None else init_s1
+        s2 = math.sqrt(1 / (d_model * n_layers)) if init_s2 is None else init_s2
+        self._init_weights(s1, s2)
+
+    @torch.no_grad()
+    def _init_weights(self, s1: float, s2: float) -> None:
+        """PAPER 1.3: U(-s1, s1) for embeddings, adaptive projections, W_o and P; U(-s2, s2) for W_q/k/v/r,
+        the cluster logits and persistent K/V (and, our choice, the FFN); biases, u and v' zero; LN 1 / 0."""
+        _uniform_(self.pos_table, s1)
+        for module in self.modules():
+            if isinstance(module, AdaptiveEmbedding):
+                for p in module.parameters():  # tables and up-projections
+                    _uniform_(p, s1)
+            elif isinstance(module, AdaptiveSoftmax):
+                if module.shortlist_proj is not None:
+                    _uniform_(module.shortlist_proj.weight, s1)
+                if module.cluster is not None:
+                    _uniform_(module.cluster.weight, s2)
+                    nn.init.zeros_(module.cluster.bias)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, RelativeMultiHeadAttention):
+                for proj in (module.q_proj, module.k_proj, module.v_proj, module.r_proj):
+                    _uniform_(proj.weight, s2)
+                _uniform_(module.o_proj.weight, s1)
+                nn.init.zeros_(module.o_proj.bias)
+                nn.init.zeros_(module.content_bias)
+                nn.init.zeros_(module.position_bias)
+                if module.n_persistent > 0:
+                    _uniform_(module.persistent_k, s2)
+                    _uniform_(module.persistent_v, s2)
+            elif isinstance(module, FeedForward):
+                for fc in (module.fc_in, module.fc_out):
+                    _uniform_(fc.weight, s2)
+                    nn.init.zeros_(fc.bias)
+            elif isinstance(module, nn.LayerNorm):
+                module.reset_parameters()
+
+    # ----------------------------------------------------------------------------------------------- forward
+
+    def init_memory(self, batch_size: int, device: torch.device | None = None) -> list[Tensor]:
+        """Zero memory of length mem_len for each of the n_layers + 1 stored tensors, [B, mem_len, d] each."""
+        p = self.pos_table
+        shape = (batch_size, self.mem_len, self.d_model)
+        return [torch.zeros(shape, device=device or p.device, dtype=p.dtype) for _ in range(self.n_layers + 1)]
+
+    def forward(
+        self, input_ids: Tensor, target_ids: Tensor | None = None, memory: list[Tensor] | None = None
+    ) -> LMOutput:
+        """Run one segment.
+
+        Args:
+            input_ids: [B, T] token ids.
+            target_ids: [B, T] next-token ids (-100 = not scored), or None for the full distribution.
+            memory: n_layers + 1 tensors [B, M, d] from the previous segment's output, or None for zeros of
+                length mem_len.
+        Returns:
+            LMOutput with `nll` [B, T] (targets given) or `log_probs` [B, T, V], and the next `memory`.
+        """
+        B, T = input_ids.shape
+        if memory is None:
+            memory = self.init_memory(B, input_ids.device)
+        self._check_memory(memory, B)
+        if target_ids is not None and target_ids.shape != input_ids.shape:
+            raise ValueError(f"target_ids shape {tuple(target_ids.shape)} must equal input_ids shape {(B, T)}")
+        n_ctx = memory[0].size(1) + T  # S
+        if n_ctx > self.max_len:
+            raise ValueError(
+                f"memory length {memory[0].size(1)} + segment length {T} = {n_ctx} exceeds max_len={self.max_len} "
+                "rows of the position table; use shorter segments/memory or build the model with a larger max_len"
+            )
+
+        h = self.drop_emb(self.embedding(input_ids)) * math.sqrt(self.d_model)  # (B, T, d)
+        pos_emb = self.drop_emb(self.pos_table[-n_ctx:])  # (S, d), distances S-1 .. 0
+        hiddens = [h]
+        for layer, mem in zip(self.layers, memory[:-1], strict=True):
+            h = layer(h, mem, pos_emb)  # (B, T, d)
+            hiddens.append(h)
+        new_memory = self._update_memory(memory, hiddens)
+
+        h = self.drop_out(h)
+        if target_ids is None:
+            return LMOutput(memory=new_memory, log_probs=self.softmax.log_probs(h))  # (B, T, V)
+        return LMOutput(memory=new_memory, nll=self.softmax.nll(h, target_ids))  # (B, T)
+
+    def _check_memory(self, memory: list[Tensor], batch_size: int) -> None:
+        """Raise a ValueError unless memory holds n_layers + 1 tensors [B, M, d] with one common M."""
+        if len(memory) != self.n_layers + 1:
+            raise ValueError(
+                f"memory must hold n_layers + 1 = {self.n_layers + 1} tensors (pass the previous output's "
+                f"`memory`, or None for zeros); got {len(memory)}"
+            )
+        shape = memory[0].shape
+        for m in memory:
+            if m.dim() != 3 or m.shape != shape or shape[0] != batch_size or shape[2] != self.d_model:
+                raise ValueError(
+                    f"every memory tensor must be [batch={batch_size}, M, d_model={self.d_model}] with one "
+                    f"common M; got {tuple(m.shape)}"
+                )
+
+    @torch.no_grad()
+    def _update_memory(self, memory: list[Tensor], hiddens: list[Tensor]) -> list[Tensor]:
+        """Last mem_len positions of [old memory ; hidden], detached, for each stored tensor."""
+        new = []
+        for m, h in zip(memory, hiddens, strict=True):
+            cat = torch.cat([m.to(h.dtype), h], dim=1)  # (B, M+T, d)
+            new.append(cat[:, max(0, cat.size(1) - self.mem_len) :].detach())
+        return new
+
+    # ------------------------------------------------------------------------------------ introspection
+
+    def set_attn_impl(self, impl: str) -> None:
+        """Switch every attention module to "sdpa" or "reference"."""
+        if impl not in ATTN_IMPLS:
+            raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}; got {impl!r}")
+        for layer in self.layers:
+            layer.attn.impl = impl
+
+    @property
+    def heads_per_layer(self) -> list[int]:
+        """Number of attention heads in each layer."""
+        return [layer.attn.n_heads for layer in self.layers]
+
+    def parameter_counts(self) -> dict[str, int | list[int]]:
+        """Parameter counts: `total` (each tied tensor once), `embeddings` (adaptive input tables and
+        projections), `softmax_untied` (shortlist projection, cluster logits, output biases), `position_table`,
+        `layers` and `per_layer`."""
+        tied = {id(p) for p in self.embedding.parameters()}
+        per_layer = [sum(p.numel() for p in layer.parameters()) for layer in self.layers]
+        return {
+            "total": sum(p.numel() for p in self.parameters()),
+            "embeddings": sum(p.numel() for p in self.embedding.parameters()),
+            "softmax_untied": sum(p.numel() for p in self.softmax.parameters() if id(p) not in tied),
+            "position_table": self.pos_table.numel(),
+            "layers": sum(per_layer),
+            "per_layer": per_layer,
+        }
+
+    def num_parameters(self, include_embeddings: bool = True) -> int:
+        """All parameters, or only the layers' (no embeddings, softmax or position table) if not
+        include_embeddings."""
+        counts = self.parameter_counts()
+        return counts["total"] if include_embeddings else counts["layers"]
+
+    def flops_per_token(self) -> dict[str, int | list[int]]:
+        """Forward multiply-accumulates (MACs; FLOPs = 2 x MACs) per token at S = mem_len + tgt_len keys.
+
+        Per layer (PAPER 1.5): heads · (4·d·D + 2·(S+N)·D + S·D), plus 2·d·d_inner for a Transformer-XL FFN
+        (N = 0 there). The adaptive softmax: `softmax_head` (shortlist + cluster logits, always paid),
+        `softmax_tails` (per tail cluster) and `softmax_full` (all clusters, as for full log-probs).
+        `total` = layers + softmax_full. Embedding lookups, LayerNorms and W_r·P (once per forward, not per
+        token) are not counted.
+        """
+        S = self.mem_len + self.tgt_len
+        per_layer = [layer.flops_per_token(S) for layer in self.layers]
+        softmax = self.softmax.flops_per_token()
+        return {
+            "context_len": S,
+            "per_layer": per_layer,
+            "layers": sum(per_layer),
+            "softmax_head": softmax["head"],
+            "softmax_tails": softmax["tails"],
+            "softmax_full": softmax["full"],
+            "total": sum(per_layer) + softmax["full"],
+        }
+
+
+def _check_args(
+    *,
+    vocab_size: int,
+    layer_type: str,
+    n_layers: int,
+    d_model: int,
+    n_heads: int,
+    d_head: int,
+    n_persistent: int,
+    d_inner: int,
+    tgt_len: int,
+    mem_len: int,
+    cutoffs: list[int],
+    div_value: float,
+    dropouts: dict[str, float],
+    same_length: bool,
+    max_len: int,
+    attn_impl: str,
+) -> None:
+    """Raise a ValueError that says what is wrong with the constructor arguments and how to fix it."""
+    if layer_type not in LAYER_TYPES:
+        raise ValueError(f"layer_type must be one of {LAYER_TYPES}; got {layer_type!r}")
+    if attn_impl not in ATTN_IMPLS:
+        raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}; got {attn_impl!r}")
+    sizes = {"vocab_size": vocab_size, "n_layers": n_layers, "d_model": d_model, "n_heads": n_heads,
+             "d_head": d_head, "tgt_len": tgt_len, "max_len": max_len}
+    if layer_type == "all_attention":
+        sizes["n_persistent"] = n_persistent
+    else:
+        sizes["d_inner"] = d_inner
+    for name, value in sizes.items():
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer; got {value!r}")
+    if not isinstance(mem_len, int) or mem_len < 0:
+        raise ValueError(f"mem_len must be a non-negative integer; got {mem_len!r}")
+    if same_length and mem_len == 0:
+        raise ValueError("same_length=True with mem_len=0 lets each token see only itself; "
+                         "set same_length=False or mem_len > 0")
+    if tgt_len + mem_len > max_len:
+        raise ValueError(f"tgt_len + mem_len = {tgt_len + mem_len} exceeds max_len={max_len}, the number of "
+                         "position-table rows; raise max_len or shorten tgt_len/mem_len")
+    for name, p in dropouts.items():
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"{name} must be in [0, 1); got {p!r}")
+    if any(not isinstance(c, int) for c in cutoffs):
+        raise ValueError(f"cutoffs must be integers; got {cutoffs!r}")
+    if any(b <= a for a, b in pairwise([0, *cutoffs])):
+        raise ValueError(f"cutoffs must be positive and strictly increasing; got {cutoffs!r}")
+    if cutoffs and cutoffs[-1] >= vocab_size:
+        raise ValueError(f"every cutoff must be < vocab_size={vocab_size}; got {cutoffs!r} "
+                         "(drop the cutoffs at or above the vocabulary size)")
+    if div_value < 1:
+        raise ValueError(f"div_value must be >= 1 (1 = every cluster at full width); got {div_value!r}")
+    dims = cluster_dims(d_model, len(cutoffs) + 1, div_value)
+    if dims[-1] < 1:
+        raise ValueError(f"div_value={div_value} with {len(cutoffs)} cutoffs makes the last cluster's width "
+                         f"d_model // div_value**{len(cutoffs)} = 0; use fewer cutoffs or a smaller div_value")
