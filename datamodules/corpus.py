@@ -206,6 +206,16 @@ class CorpusCache:
 
     def prepare(self) -> Vocabulary:
         """Builds whatever is missing or stale (vocabulary, then each split's ids) and returns the vocabulary."""
+        vocab = self.prepare_vocabulary()
+        for split in SPLITS:
+            path = self.tokens_path(split, vocab)
+            if not self._is_valid(path, self._tokens_manifest(split, vocab), verify_content=True):
+                log.info("encoding the %s %s split into %s", self.source.name, split, path)
+                self._write_tokens(path, split, vocab)
+        return vocab
+
+    def prepare_vocabulary(self) -> Vocabulary:
+        """The cached vocabulary, built from the train split first if it is missing or stale."""
         self.source.check()
         vocab = self._valid_vocab()
         if vocab is None:
@@ -213,11 +223,6 @@ class CorpusCache:
             vocab = Vocabulary.from_counts(*count_words(self.source.line_batches("train")))
             vocab.save(self.vocab_path)
             self._write_manifest(self.vocab_path, self._vocab_manifest(vocab))
-        for split in SPLITS:
-            path = self.tokens_path(split, vocab)
-            if not self._is_valid(path, self._tokens_manifest(split, vocab), verify_content=True):
-                log.info("encoding the %s %s split into %s", self.source.name, split, path)
-                self._write_tokens(path, split, vocab)
         return vocab
 
     def load(self) -> tuple[Vocabulary, dict[str, np.memmap]]:

@@ -84,8 +84,14 @@ class WikiTextDataModule(pl.LightningDataModule):
 
     @property
     def vocab_size(self) -> int:
-        """Number of vocabulary entries, end-of-line and ``<unk>`` included (the model's ``vocab_size``)."""
-        return len(self.vocab)
+        """Number of vocabulary entries, end-of-line and ``<unk>`` included (the model's ``vocab_size``).
+
+        Available before ``setup``, so the CLI can size the model at instantiation: it loads (or first builds) the
+        cached vocabulary only.
+        """
+        if self._vocab is None:
+            return len(self.cache.prepare_vocabulary())
+        return len(self._vocab)
 
     def num_tokens(self, split: str) -> int:
         """Tokens in ``split`` (``train``, ``valid`` or ``test``), one end-of-line token per line included."""

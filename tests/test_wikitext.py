@@ -56,7 +56,15 @@ def test_two_ranks_get_disjoint_shares_covering_the_stream(wt2):
 def test_attributes_before_setup_explain_what_to_call():
     dm = WikiTextDataModule(name="wikitext-2", data_dir="unused")
     with pytest.raises(RuntimeError, match=r"call prepare_data\(\) and then setup\(\)"):
-        _ = dm.vocab_size
+        _ = dm.vocab
+
+
+def test_vocab_size_is_known_before_setup_for_sizing_the_model(synthetic_dir: Path, tmp_path: Path):
+    dm = WikiTextDataModule(name="wikitext-2", data_dir=str(synthetic_dir), cache_dir=str(tmp_path))
+    assert dm.vocab_size == 15
+    dm.prepare_data()
+    dm.setup("fit")
+    assert dm.vocab_size == len(dm.vocab) == 15
 
 
 def test_setup_without_prepare_explains_what_to_call(synthetic_dir: Path, tmp_path: Path):

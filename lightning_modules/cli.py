@@ -1,0 +1,27 @@
+"""The ``headprune`` command: a LightningCLI over LanguageModel and WikiTextDataModule (fit/validate/test/predict)."""
+
+from __future__ import annotations
+
+import logging
+
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+
+from datamodules.wikitext import WikiTextDataModule
+from lightning_modules.language_model import LanguageModel
+
+
+class HeadpruneCLI(LightningCLI):
+    """LightningCLI whose model is sized by the data: the vocabulary size comes from the datamodule."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("data.vocab_size", "model.model.init_args.vocab_size", apply_on="instantiate")
+
+
+def main(args: list[str] | None = None) -> HeadpruneCLI:
+    """Entry point of the ``headprune`` console script."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return HeadpruneCLI(LanguageModel, WikiTextDataModule, args=args, save_config_kwargs={"overwrite": True})
+
+
+if __name__ == "__main__":
+    main()

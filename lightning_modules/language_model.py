@@ -1,0 +1,140 @@
+"""LanguageModel: trains and evaluates a MemoryTransformerLM, carrying its recurrence memory across batches."""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.cli import OptimizerCallable
+from torch.optim.lr_scheduler import LambdaLR
+from torchmetrics import SumMetric
+
+from lightning_modules.model import MemoryTransformerLM
+from lightning_modules.optim import warmup_cosine_factor
+
+IGNORE_INDEX = -100
+Stage = Literal["train", "val", "test"]
+
+
+class LanguageModel(pl.LightningModule):
+    """Wraps a :class:`MemoryTransformerLM` with the training concerns: loss, memory, perplexity, optimisation.
+
+    Consecutive batches of a stage continue the same rows of text (see ``datamodules.batching``), so the memory
+    returned by one step is fed to the next. It starts empty at every training epoch and every evaluation.
+    Perplexity is ``exp`` of the token-weighted mean NLL over the whole split, summed with torchmetrics (correct
+    under DDP); targets equal to -100 are padding and are not scored.
+
+    Args:
+        model: The language model (a plain ``nn.Module``).
+        optimizer: Builds the optimiser from the parameters, e.g. ``torch.optim.AdamW`` or
+            ``lightning_modules.optim.Lamb`` with their arguments.
+        lr_schedule: ``cosine`` (linear warm-up, then cosine decay to ``min_lr_ratio`` of the peak) or
+            ``constant`` (warm-up, then the peak).
+        warmup_steps: Optimiser steps of linear warm-up.
+        decay_steps: Total steps of the cosine schedule; ``None`` takes the Trainer's estimated total.
+        min_lr_ratio: Final learning rate as a fraction of the peak.
+    """
+
+    def __init__(
+        self,
+        model: MemoryTransformerLM,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_schedule: Literal["cosine", "constant"] = "cosine",
+        warmup_steps: int = 0,
+        decay_steps: int | None = None,
+        min_lr_ratio: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if warmup_steps < 0 or not 0 <= min_lr_ratio <= 1 or (decay_steps is not None and decay_steps < 1):
+            raise ValueError(f"invalid schedule: warmup_steps={warmup_steps} must be >= 0, min_lr_ratio="
+                             f"{min_lr_ratio} in [0, 1], decay_steps={decay_steps} positive or null")
+        self.save_hyperparameters(ignore=["model", "optimizer"])
+        self.model = model
+        self.optimizer_factory = optimizer
+        self.lr_schedule, self.warmup_steps = lr_schedule, warmup_steps
+        self.decay_steps, self.min_lr_ratio = decay_steps, min_lr_ratio
+        self._memory: dict[str, list[torch.Tensor] | None] = {"train": None, "val": None, "test": None}
+        self.nll_sum = torch.nn.ModuleDict({s: SumMetric() for s in ("val", "test")})
+        self.token_count = torch.nn.ModuleDict({s: SumMetric() for s in ("val", "test")})
+        self._step_started = 0.0
+
+    def forward(self, input_ids: torch.Tensor, memory: list[torch.Tensor] | None = None):
+        """Log-probabilities of the next token at every position (and the new memory)."""
+        return self.model(input_ids, memory=memory)
+
+    def _scored_nll(self, batch: tuple[torch.Tensor, torch.Tensor], stage: Stage) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed NLL and number of scored tokens of one batch, advancing the stage's memory."""
+        input_ids, target_ids = batch
+        out = self.model(input_ids, target_ids=target_ids, memory=self._memory[stage])
+        self._memory[stage] = out.memory
+        scored = target_ids != IGNORE_INDEX
+        return out.nll.masked_fill(~scored, 0).sum(), scored.sum()
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        nll_sum, count = self._scored_nll(batch, "train")
+        loss = nll_sum / count.clamp(min=1)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/ppl", torch.exp(loss.detach()))
+        return loss
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        self._step_started = time.perf_counter()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        elapsed = time.perf_counter() - self._step_started
+        tokens = int((batch[1] != IGNORE_INDEX).sum()) * self.trainer.world_size
+        self.log("train/tokens_per_s", tokens / max(elapsed, 1e-9))
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._accumulate(batch, "val")
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._accumulate(batch, "test")
+
+    def _accumulate(self, batch: tuple[torch.Tensor, torch.Tensor], stage: Stage) -> None:
+        nll_sum, count = self._scored_nll(batch, stage)
+        self.nll_sum[stage].update(nll_sum.double())
+        self.token_count[stage].update(count.double())
+
+    def _log_perplexity(self, stage: Stage) -> None:
+        mean_nll = self.nll_sum[stage].compute() / self.token_count[stage].compute().clamp(min=1)
+        self.log(f"{stage}/loss", mean_nll.float(), sync_dist=False)
+        self.log(f"{stage}/ppl", torch.exp(mean_nll).float(), prog_bar=True, sync_dist=False)
+        self.nll_sum[stage].reset()
+        self.token_count[stage].reset()
+
+    def on_train_epoch_start(self) -> None:
+        self._memory["train"] = None
+
+    def on_validation_epoch_start(self) -> None:
+        self._memory["val"] = None
+
+    def on_test_epoch_start(self) -> None:
+        self._memory["test"] = None
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_perplexity("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_perplexity("test")
+
+    def on_fit_start(self) -> None:
+        if self.logger is not None:
+            self.logger.log_hyperparams({
+                "params/total": self.model.num_parameters(include_embeddings=True),
+                "params/non_embedding": self.model.num_parameters(include_embeddings=False),
+            })
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(self.parameters())
+        decay_steps = self.decay_steps or max(1, int(self.trainer.estimated_stepping_batches))
+        if self.lr_schedule == "constant":
+            def factor(step: int) -> float:
+                return min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
+        else:
+            def factor(step: int) -> float:
+                return warmup_cosine_factor(step, self.warmup_steps, decay_steps, self.min_lr_ratio)
+        scheduler = LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

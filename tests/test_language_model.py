@@ -1,0 +1,116 @@
+"""LanguageModel: memory carried across batches, perplexity over a split, the optimiser and the schedule."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from lightning_modules.language_model import LanguageModel
+from lightning_modules.model import MemoryTransformerLM
+from lightning_modules.optim import Lamb, warmup_cosine_factor
+
+VOCAB = 50
+
+
+def tiny_model(**overrides) -> MemoryTransformerLM:
+    config = dict(vocab_size=VOCAB, layer_type="all_attention", n_layers=2, d_model=32, n_heads=4, d_head=8,
+                  n_persistent=16, d_inner=64, tgt_len=8, mem_len=8, cutoffs=[], div_value=1.0, dropout=0.0,
+                  dropemb=0.0)
+    return MemoryTransformerLM(**(config | overrides))
+
+
+def batches(steps: int, batch_size: int = 2, tgt_len: int = 8, seed: int = 0):
+    stream = torch.randint(2, VOCAB, (batch_size, steps * tgt_len + 1), generator=torch.Generator().manual_seed(seed))
+    return [(stream[:, k * tgt_len:(k + 1) * tgt_len], stream[:, k * tgt_len + 1:(k + 1) * tgt_len + 1])
+            for k in range(steps)]
+
+
+def test_memory_is_carried_between_batches_and_reset_per_evaluation():
+    module = LanguageModel(tiny_model()).eval()
+    data = batches(3)
+    with torch.no_grad():
+        module.on_validation_epoch_start()
+        for batch in data:
+            module.validation_step(batch, 0)
+        memory, carried_total = None, 0.0
+        for x, y in data:
+            out = module.model(x, target_ids=y, memory=memory)
+            memory, carried_total = out.memory, carried_total + out.nll.sum()
+        fresh_total = sum(module.model(x, target_ids=y).nll.sum() for x, y in data)
+    torch.testing.assert_close(module.nll_sum["val"].compute().float(), carried_total)
+    assert not torch.isclose(carried_total, fresh_total), "memory must change the scores of later batches"
+    for kept, expected in zip(module._memory["val"], memory, strict=True):
+        torch.testing.assert_close(kept, expected)
+    module.on_validation_epoch_start()
+    assert module._memory["val"] is None
+
+
+def test_perplexity_is_exp_of_token_weighted_mean_nll_with_padding_unscored():
+    module = LanguageModel(tiny_model()).eval()
+    data = batches(2)
+    padded_x, padded_y = data[1][0].clone(), data[1][1].clone()
+    padded_y[:, 5:] = -100
+    data[1] = (padded_x, padded_y)
+    module.on_validation_epoch_start()
+    with torch.no_grad():
+        for batch in data:
+            module.validation_step(batch, 0)
+        first = module.model(data[0][0], target_ids=data[0][1])
+        second = module.model(data[1][0], target_ids=data[1][1].clamp(min=0), memory=first.memory).nll[:, :5]
+    expected = (first.nll.sum() + second.sum()) / (first.nll.numel() + second.numel())
+    mean = module.nll_sum["val"].compute() / module.token_count["val"].compute()
+    assert module.token_count["val"].compute() == 16 + 10
+    assert torch.isclose(mean.float(), expected, rtol=1e-5)
+
+
+def test_dense_training_loss_decreases_on_a_tiny_overfit():
+    torch.manual_seed(0)
+    module = LanguageModel(tiny_model(), optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3))
+    data = batches(2)
+    trainer = pl.Trainer(max_steps=60, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    losses = []
+
+    class Record(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(float(outputs["loss"]))
+
+    trainer.callbacks.append(Record())
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(data, batch_size=None))
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_lamb_step_matches_its_formula():
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(5, 3))
+    grad = torch.randn(5, 3)
+    w0 = w.detach().clone()
+    optimizer = Lamb([w], lr=0.1, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.01)
+    w.grad = grad.clone()
+    optimizer.step()
+    m, v = 0.1 * grad, 0.01 * grad**2
+    update = m / (v.sqrt() + 1e-6) + 0.01 * w0
+    trust = w0.norm().clamp(0, 10) / update.norm()
+    torch.testing.assert_close(w.detach(), w0 - 0.1 * trust * update)
+
+
+def test_lamb_rejects_bad_settings():
+    with pytest.raises(ValueError, match="invalid LAMB"):
+        Lamb([torch.nn.Parameter(torch.ones(1))], lr=-1)
+
+
+def test_warmup_cosine_schedule():
+    assert warmup_cosine_factor(0, 10, 110, 0.1) == pytest.approx(0.1)
+    assert warmup_cosine_factor(9, 10, 110, 0.1) == pytest.approx(1.0)
+    assert warmup_cosine_factor(60, 10, 110, 0.1) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert warmup_cosine_factor(110, 10, 110, 0.1) == pytest.approx(0.1)
+    assert warmup_cosine_factor(500, 10, 110, 0.1) == pytest.approx(0.1)
+    assert warmup_cosine_factor(35, 10, 110, 0.1) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi / 4)))
+
+
+def test_bad_schedule_values_are_rejected():
+    with pytest.raises(ValueError, match="invalid schedule"):
+        LanguageModel(tiny_model(), min_lr_ratio=2.0)
