@@ -7,6 +7,7 @@ from typing import Literal
 
 import numpy as np
 import pytorch_lightning as pl
+import torch
 from torch.utils.data import DataLoader
 
 from datamodules.batching import OrderedBatches
@@ -34,6 +35,7 @@ class WikiTextDataModule(pl.LightningDataModule):
         streaming: Read the text with ``datasets`` streaming instead of materialising it as Arrow first.
         random_offset: Rotate the training stream by a seeded random offset each epoch, as the paper does.
         seed: Seed of those offsets (the same on every rank, so the rank shares stay disjoint).
+        predict_prompts: Texts to continue in ``predict`` (whitespace-tokenised like the corpus).
     """
 
     def __init__(
@@ -48,6 +50,7 @@ class WikiTextDataModule(pl.LightningDataModule):
         streaming: bool = False,
         random_offset: bool = True,
         seed: int = 87245,
+        predict_prompts: list[str] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -63,6 +66,7 @@ class WikiTextDataModule(pl.LightningDataModule):
         self.eval_batch_size = eval_batch_size or batch_size
         self.eval_tgt_len = eval_tgt_len or tgt_len
         self.random_offset, self.seed = random_offset, seed
+        self.predict_prompts = list(predict_prompts or [])
         self._vocab: Vocabulary | None = None
         self._tokens: dict[str, np.ndarray] = {}
 
@@ -123,6 +127,14 @@ class WikiTextDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return DataLoader(self.batches("test"), batch_size=None)
+
+    def predict_dataloader(self) -> DataLoader:
+        """One prompt per batch, ``[1, length]``, each read as the start of a line (after an end-of-line id)."""
+        if not self.predict_prompts:
+            raise ValueError("no prompts to continue: pass --data.predict_prompts='[\"The game\", ...]'")
+        prompts = [torch.tensor([[self.vocab.eos_id, *self.vocab.encode(p, add_eos=False)]])
+                   for p in self.predict_prompts]
+        return DataLoader(prompts, batch_size=None)
 
     def _split_tokens(self, split: str) -> np.ndarray:
         if split not in SPLITS:

@@ -17,10 +17,15 @@ class HeadpruneCLI(LightningCLI):
         parser.link_arguments("data.vocab_size", "model.model.init_args.vocab_size", apply_on="instantiate")
 
 
-def main(args: list[str] | None = None) -> HeadpruneCLI:
-    """Entry point of the ``headprune`` console script."""
+def run(args: list[str] | None = None) -> HeadpruneCLI:
+    """Runs one CLI command (``args`` as on the command line; ``None`` reads ``sys.argv``) and returns the CLI."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     return HeadpruneCLI(LanguageModel, WikiTextDataModule, args=args, save_config_kwargs={"overwrite": True})
+
+
+def main() -> None:
+    """Entry point of the ``headprune`` console script (its exit status is 0 on success)."""
+    run()
 
 
 if __name__ == "__main__":

@@ -35,6 +35,9 @@ class LanguageModel(pl.LightningModule):
         warmup_steps: Optimiser steps of linear warm-up.
         decay_steps: Total steps of the cosine schedule; ``None`` takes the Trainer's estimated total.
         min_lr_ratio: Final learning rate as a fraction of the peak.
+        max_new_tokens: Tokens that ``predict`` generates after each prompt.
+        temperature: Sampling temperature of ``predict``; 0 takes the most likely token.
+        top_k: Sample only among the ``top_k`` most likely tokens (``None``: all).
     """
 
     def __init__(
@@ -45,6 +48,9 @@ class LanguageModel(pl.LightningModule):
         warmup_steps: int = 0,
         decay_steps: int | None = None,
         min_lr_ratio: float = 0.1,
+        max_new_tokens: int = 50,
+        temperature: float = 1.0,
+        top_k: int | None = None,
     ) -> None:
         super().__init__()
         if warmup_steps < 0 or not 0 <= min_lr_ratio <= 1 or (decay_steps is not None and decay_steps < 1):
@@ -59,6 +65,7 @@ class LanguageModel(pl.LightningModule):
         self.nll_sum = torch.nn.ModuleDict({s: SumMetric() for s in ("val", "test")})
         self.token_count = torch.nn.ModuleDict({s: SumMetric() for s in ("val", "test")})
         self._step_started = 0.0
+        self.max_new_tokens, self.temperature, self.top_k = max_new_tokens, temperature, top_k
 
     def forward(self, input_ids: torch.Tensor, memory: list[torch.Tensor] | None = None):
         """Log-probabilities of the next token at every position (and the new memory)."""
@@ -104,6 +111,15 @@ class LanguageModel(pl.LightningModule):
         self.log(f"{stage}/ppl", torch.exp(mean_nll).float(), prog_bar=True, sync_dist=False)
         self.nll_sum[stage].reset()
         self.token_count[stage].reset()
+
+    def predict_step(self, prompt_ids: torch.Tensor, batch_idx: int) -> dict[str, str]:
+        """Continues one prompt; decodes it with the datamodule's vocabulary and prints it."""
+        generated = self.model.generate(prompt_ids, self.max_new_tokens, self.temperature, self.top_k)
+        vocab = self.trainer.datamodule.vocab
+        result = {"prompt": vocab.decode(prompt_ids[0, 1:].tolist()),  # [0] is the end-of-line id before it
+                  "continuation": vocab.decode(generated[0].tolist())}
+        self.print(f"{result['prompt']} >>> {result['continuation']}")
+        return result
 
     def on_train_epoch_start(self) -> None:
         self._memory["train"] = None

@@ -227,6 +227,45 @@ class MemoryTransformerLM(nn.Module):
             new.append(cat[:, max(0, cat.size(1) - self.mem_len) :].detach())
         return new
 
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt_ids: Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Continue each row of `prompt_ids` [B, P] by `max_new_tokens` tokens -> [B, max_new_tokens].
+
+        The prompt is read in segments of tgt_len, then one token at a time, all through the recurrence memory.
+        `temperature` 0 picks the most likely token; otherwise tokens are sampled from the (top-k) distribution.
+        """
+        if prompt_ids.dim() != 2 or prompt_ids.size(1) == 0:
+            raise ValueError(f"prompt_ids must be [batch, length >= 1]; got {tuple(prompt_ids.shape)}")
+        if max_new_tokens < 0 or temperature < 0 or (top_k is not None and top_k < 1):
+            raise ValueError(f"need max_new_tokens >= 0, temperature >= 0, top_k >= 1 or None; got "
+                             f"{max_new_tokens}, {temperature}, {top_k}")
+        memory = None
+        for start in range(0, prompt_ids.size(1), self.tgt_len):
+            out = self(prompt_ids[:, start : start + self.tgt_len], memory=memory)
+            memory = out.memory
+        new_tokens = []
+        for _ in range(max_new_tokens):
+            log_probs = out.log_probs[:, -1]  # (B, V)
+            if temperature == 0:
+                next_ids = log_probs.argmax(-1)  # (B,)
+            else:
+                logits = log_probs / temperature
+                if top_k is not None and top_k < logits.size(-1):
+                    kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (B, 1)
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                next_ids = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)  # (B,)
+            new_tokens.append(next_ids)
+            out = self(next_ids[:, None], memory=memory)
+            memory = out.memory
+        return torch.stack(new_tokens, 1) if new_tokens else prompt_ids.new_zeros(prompt_ids.size(0), 0)
+
     # ------------------------------------------------------------------------------------ introspection
 
     def set_attn_impl(self, impl: str) -> None:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from lightning_modules.cli import main
+from lightning_modules.cli import run
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "experiments" / "wt2" / "all_attention_small.yaml"
@@ -29,20 +31,49 @@ def tiny_args(wikitext2_dir: Path, cache: Path, root: Path, layer_type: str = "a
 @pytest.mark.parametrize("layer_type", ["all_attention", "transformer_xl"])
 def test_fit_then_test_from_the_cli(wikitext2_dir: Path, wt2_cache_dir: Path, tmp_path: Path, layer_type: str):
     args = tiny_args(wikitext2_dir, wt2_cache_dir, tmp_path, layer_type)
-    fit = main(["fit", *args, "--trainer.max_steps=4", "--trainer.val_check_interval=4"])
+    fit = run(["fit", *args, "--trainer.max_steps=4", "--trainer.val_check_interval=4"])
     assert fit.model.model.vocab_size == 33278, "the vocabulary size is linked from the data"
     val_ppl = float(fit.trainer.callback_metrics["val/ppl"])
     assert math.isfinite(val_ppl) and 1 < val_ppl < 2 * 33278
     checkpoints = sorted((tmp_path / "checkpoints").glob("*.ckpt"))
     assert checkpoints, "fit saves a checkpoint"
-    test = main(["test", *args, f"--ckpt_path={checkpoints[-1]}"])
+    test = run(["test", *args, f"--ckpt_path={checkpoints[-1]}"])
     test_ppl = float(test.trainer.callback_metrics["test/ppl"])
     assert math.isfinite(test_ppl) and 1 < test_ppl < 2 * 33278
 
 
 def test_two_process_ddp_fit_on_cpu(wikitext2_dir: Path, wt2_cache_dir: Path, tmp_path: Path):
     args = tiny_args(wikitext2_dir, wt2_cache_dir, tmp_path)
-    fit = main(["fit", *args, "--trainer.strategy=ddp_spawn", "--trainer.devices=2", "--trainer.max_steps=3",
+    fit = run(["fit", *args, "--trainer.strategy=ddp_spawn", "--trainer.devices=2", "--trainer.max_steps=3",
                 "--trainer.val_check_interval=3", "--trainer.enable_checkpointing=false"])
     assert fit.trainer.world_size == 2
     assert math.isfinite(float(fit.trainer.callback_metrics["val/ppl"]))
+
+
+@pytest.mark.parametrize("recipe", sorted(str(p.relative_to(REPO)) for p in REPO.glob("experiments/wt*/*.yaml")))
+def test_every_recipe_parses(recipe: str, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run(["fit", f"--config={REPO / recipe}", "--print_config"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    assert "class_path: lightning_modules.model.MemoryTransformerLM" in printed
+
+
+def test_predict_continues_prompts_with_the_vocabulary(wikitext2_dir: Path, wt2_cache_dir: Path, tmp_path: Path):
+    args = tiny_args(wikitext2_dir, wt2_cache_dir, tmp_path)
+    cli = run(["predict", *args, "--data.predict_prompts=[\"The game was\", \"In 1996 ,\"]",
+                "--model.max_new_tokens=5", "--model.temperature=0"])
+    predictions = cli.trainer.predict_loop.predictions
+    assert [p["prompt"] for p in predictions] == ["The game was", "In 1996 ,"]
+    assert all(len(p["continuation"].replace("\n", " ").split()) <= 5 for p in predictions)
+    assert all(p["continuation"].strip() for p in predictions)
+
+
+def test_console_script_exits_zero_on_success():
+    script = Path(sys.executable).parent / "headprune"
+    if not script.exists():
+        pytest.skip("the headprune console script is not installed in this environment")
+    done = subprocess.run([str(script), "fit", f"--config={RECIPE}", "--print_config"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "layer_type: all_attention" in done.stdout

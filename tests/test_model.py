@@ -375,3 +375,30 @@ def test_every_parameter_gets_a_gradient_when_tail_clusters_are_empty():
     model(ids, target_ids=ids).nll.sum().backward()
     missing = [name for name, p in model.named_parameters() if p.grad is None]
     assert not missing, f"parameters left out of the backward pass: {missing}"
+
+
+def test_greedy_generation_through_memory_equals_argmax_of_one_full_pass():
+    torch.manual_seed(0)
+    model = MemoryTransformerLM(vocab_size=40, n_layers=2, d_model=16, n_heads=2, d_head=8, n_persistent=4,
+                                tgt_len=3, mem_len=12, cutoffs=[10], div_value=2.0, dropout=0.0, dropemb=0.0).eval()
+    prompt = torch.randint(0, 40, (2, 5))
+    generated = model.generate(prompt, max_new_tokens=4, temperature=0)
+    assert generated.shape == (2, 4)
+    # one pass over prompt + continuation sees the same context at every position (memory of zeros, same_length)
+    full = torch.cat([prompt, generated[:, :-1]], dim=1)
+    with torch.no_grad():
+        expected = model(full).log_probs[:, prompt.size(1) - 1 :].argmax(-1)
+    assert torch.equal(generated, expected)
+
+
+def test_sampled_generation_respects_top_k_and_seed():
+    model = MemoryTransformerLM(vocab_size=40, n_layers=1, d_model=16, n_heads=2, d_head=8, n_persistent=4,
+                                tgt_len=4, mem_len=4, cutoffs=[], div_value=1.0, dropout=0.0, dropemb=0.0).eval()
+    prompt = torch.randint(0, 40, (3, 2))
+    first = model.generate(prompt, 6, temperature=1.0, top_k=1, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(first, model.generate(prompt, 6, temperature=0)), "top-1 sampling is greedy"
+    a = model.generate(prompt, 6, temperature=2.0, generator=torch.Generator().manual_seed(3))
+    b = model.generate(prompt, 6, temperature=2.0, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="prompt_ids"):
+        model.generate(prompt[:, :0], 3)
