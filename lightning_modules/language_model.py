@@ -84,6 +84,7 @@ class LanguageModel(pl.LightningModule):
         loss = nll_sum / count.clamp(min=1)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/ppl", torch.exp(loss.detach()))
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"])
         return loss
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:

@@ -45,7 +45,7 @@ def test_fit_then_test_from_the_cli(wikitext2_dir: Path, wt2_cache_dir: Path, tm
 def test_two_process_ddp_fit_on_cpu(wikitext2_dir: Path, wt2_cache_dir: Path, tmp_path: Path):
     args = tiny_args(wikitext2_dir, wt2_cache_dir, tmp_path)
     fit = run(["fit", *args, "--trainer.strategy=ddp_spawn", "--trainer.devices=2", "--trainer.max_steps=3",
-                "--trainer.val_check_interval=3", "--trainer.enable_checkpointing=false"])
+                "--trainer.val_check_interval=3"])
     assert fit.trainer.world_size == 2
     assert math.isfinite(float(fit.trainer.callback_metrics["val/ppl"]))
 

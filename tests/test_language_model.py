@@ -114,3 +114,20 @@ def test_warmup_cosine_schedule():
 def test_bad_schedule_values_are_rejected():
     with pytest.raises(ValueError, match="invalid schedule"):
         LanguageModel(tiny_model(), min_lr_ratio=2.0)
+
+
+def test_learning_rate_follows_the_warmup_cosine_schedule_and_is_logged():
+    module = LanguageModel(tiny_model(), optimizer=lambda p: torch.optim.SGD(p, lr=0.5), warmup_steps=2,
+                           decay_steps=6, min_lr_ratio=0.2)
+    seen = []
+
+    class Record(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append(float(trainer.callback_metrics["train/lr"]))
+
+    trainer = pl.Trainer(max_steps=7, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                         callbacks=[Record()])
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches(7), batch_size=None))
+    expected = [0.5 * warmup_cosine_factor(step, 2, 6, 0.2) for step in range(7)]
+    assert seen == pytest.approx(expected)
