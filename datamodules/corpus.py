@@ -23,6 +23,7 @@ import os
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -43,38 +44,54 @@ TOKEN_DTYPE = np.dtype("<u4")
 
 
 def split_words(lines: pa.Array) -> tuple[pa.Array, np.ndarray]:
-    """Whitespace-splits a batch of lines: (every word in order, index of the line each word came from)."""
+    """Whitespace-splits a batch of lines: (every word in order, number of words on each line)."""
     pieces = pc.utf8_split_whitespace(lines)
     words = pc.list_flatten(pieces)
     line_of_word = pc.list_parent_indices(pieces)
     # Arrow keeps an empty piece for leading/trailing whitespace; str.split() does not.
     nonempty = pc.greater(pc.binary_length(words), 0)
-    return words.filter(nonempty), line_of_word.filter(nonempty).to_numpy()
+    words_per_line = np.bincount(line_of_word.filter(nonempty).to_numpy(), minlength=len(lines))
+    return words.filter(nonempty), words_per_line
 
 
-def count_words(line_batches: Iterable[pa.Array]) -> tuple[list[str], list[int]]:
-    """Counts every word of a split: parallel lists of distinct words and their frequencies."""
-    tables = []
-    for lines in line_batches:
-        words, _ = split_words(lines)
-        counted = pc.value_counts(words)
-        tables.append(pa.table({"word": counted.field("values"), "count": counted.field("counts")}))
-    if not tables:
-        return [], []
-    merged = pa.concat_tables(tables).group_by("word").aggregate([("count", "sum")])
-    return merged["word"].to_pylist(), merged["count_sum"].to_pylist()
+def with_end_of_lines(word_ids: np.ndarray, words_per_line: np.ndarray, eos_id: int) -> np.ndarray:
+    """The ids of a batch of lines: each line's word ids followed by one end-of-line id."""
+    out = np.empty(len(word_ids) + len(words_per_line), dtype=TOKEN_DTYPE)
+    line_of_word = np.repeat(np.arange(len(words_per_line)), words_per_line)
+    out[np.arange(len(word_ids)) + line_of_word] = word_ids  # word k of line j lands at k + j
+    out[np.cumsum(words_per_line + 1) - 1] = eos_id
+    return out
 
 
 def encode_lines(lines: pa.Array, vocab: Vocabulary) -> np.ndarray:
     """Token ids of a batch of lines, one end-of-line id after each line; unknown words map to ``<unk>``."""
-    words, line_of_word = split_words(lines)
+    words, words_per_line = split_words(lines)
     ids = pc.index_in(words, value_set=vocab.arrow_tokens).fill_null(vocab.unk_id)
-    words_per_line = np.bincount(line_of_word, minlength=len(lines))
-    out = np.empty(len(words) + len(lines), dtype=TOKEN_DTYPE)
-    # word k of line j lands at k + j: j end-of-line tokens precede it
-    out[np.arange(len(words)) + line_of_word] = ids.to_numpy(zero_copy_only=False)
-    out[np.cumsum(words_per_line + 1) - 1] = vocab.eos_id
-    return out
+    return with_end_of_lines(ids.to_numpy(zero_copy_only=False), words_per_line, vocab.eos_id)
+
+
+def build_vocabulary_and_encode(line_batches: Iterable[pa.Array]) -> tuple[Vocabulary, Iterator[np.ndarray]]:
+    """One pass over the train split for both its vocabulary and its ids: each word is hashed once.
+
+    Every batch is dictionary-encoded, the batch dictionaries are unified, the frequencies are a bincount of
+    the indices, and the ids are the indices remapped to the frequency-sorted vocabulary.
+    """
+    encoded, words_per_line = [], []
+    for lines in line_batches:
+        words, per_line = split_words(lines)
+        encoded.append(pc.dictionary_encode(words))
+        words_per_line.append(per_line)
+    if not encoded:
+        return Vocabulary.from_counts([], []), iter(())
+    unified = pa.chunked_array(encoded).unify_dictionaries()
+    dictionary = unified.chunk(0).dictionary
+    indices = [chunk.indices.to_numpy(zero_copy_only=False) for chunk in unified.chunks]
+    counts = sum(np.bincount(ix, minlength=len(dictionary)) for ix in indices)
+    vocab = Vocabulary.from_counts(dictionary.to_pylist(), counts.tolist())
+    to_vocab = pc.index_in(dictionary, value_set=vocab.arrow_tokens).to_numpy(zero_copy_only=False)
+    ids = (with_end_of_lines(to_vocab[ix], per_line, vocab.eos_id)
+           for ix, per_line in zip(indices, words_per_line, strict=True))
+    return vocab, ids
 
 
 @dataclass(frozen=True)
@@ -211,16 +228,19 @@ class CorpusCache:
             path = self.tokens_path(split, vocab)
             if not self._is_valid(path, self._tokens_manifest(split, vocab), verify_content=True):
                 log.info("encoding the %s %s split into %s", self.source.name, split, path)
-                self._write_tokens(path, split, vocab)
+                self._write_ids(path, split, vocab, map(partial(encode_lines, vocab=vocab),
+                                                        self.source.line_batches(split)))
         return vocab
 
     def prepare_vocabulary(self) -> Vocabulary:
-        """The cached vocabulary, built from the train split first if it is missing or stale."""
+        """The cached vocabulary, built from the train split first if it is missing or stale (the train ids
+        are cached in the same pass)."""
         self.source.check()
         vocab = self._valid_vocab()
         if vocab is None:
-            log.info("building the %s vocabulary from its train split", self.source.name)
-            vocab = Vocabulary.from_counts(*count_words(self.source.line_batches("train")))
+            log.info("building the %s vocabulary and train ids from its train split", self.source.name)
+            vocab, train_ids = build_vocabulary_and_encode(self.source.line_batches("train"))
+            self._write_ids(self.tokens_path("train", vocab), "train", vocab, train_ids)
             vocab.save(self.vocab_path)
             self._write_manifest(self.vocab_path, self._vocab_manifest(vocab))
         return vocab
@@ -270,15 +290,14 @@ class CorpusCache:
     def _write_manifest(self, path: Path, manifest: dict) -> None:
         atomic_write_bytes(self._manifest_path(path), json.dumps(manifest, indent=1).encode())
 
-    def _write_tokens(self, path: Path, split: str, vocab: Vocabulary) -> None:
+    def _write_ids(self, path: Path, split: str, vocab: Vocabulary, chunks: Iterable[np.ndarray]) -> None:
         self._manifest_path(path).unlink(missing_ok=True)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         digest, num_tokens = hashlib.sha256(), 0
         try:
             with os.fdopen(fd, "wb") as f:
-                for lines in self.source.line_batches(split):
-                    ids = encode_lines(lines, vocab)
+                for ids in chunks:
                     digest.update(ids.data)
                     f.write(ids.data)
                     num_tokens += len(ids)

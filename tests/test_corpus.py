@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 
 from datamodules import corpus
-from datamodules.corpus import CorpusCache, WikiTextSource, count_words, encode_lines
+from datamodules.corpus import CorpusCache, WikiTextSource, build_vocabulary_and_encode, encode_lines
 from datamodules.vocab import Vocabulary
 from tests.conftest import write_corpus
 
@@ -23,21 +23,22 @@ TRICKY_LINES = [" = Title = ", "", " ", "a  b\tc ", "\u3000wide\u00a0space\u2009
 
 
 def test_arrow_encoder_equals_python_split_on_tricky_whitespace():
-    words, counts = count_words([pa.array(TRICKY_LINES)])
-    vocab = Vocabulary.from_counts(words, counts)
+    vocab, ids = build_vocabulary_and_encode([pa.array(TRICKY_LINES[:3]), pa.array(TRICKY_LINES[3:])])
     python_counts = {}
     for line in TRICKY_LINES:
         for word in line.split():
             python_counts[word] = python_counts.get(word, 0) + 1
-    assert dict(zip(words, counts, strict=True)) == python_counts
+    assert vocab.itos == Vocabulary.from_counts(python_counts.keys(), python_counts.values()).itos
+    np.testing.assert_array_equal(np.concatenate(list(ids)), python_encode(TRICKY_LINES, vocab))
     np.testing.assert_array_equal(encode_lines(pa.array(TRICKY_LINES), vocab), python_encode(TRICKY_LINES, vocab))
 
 
 def test_arrow_encoder_equals_python_on_real_wikitext(wt2, wikitext2_dir: Path):
-    lines = (wikitext2_dir / "wiki.valid.tokens").read_text(encoding="utf-8").split("\n")[:-1]
-    expected = python_encode(lines, wt2.vocab)
-    np.testing.assert_array_equal(encode_lines(pa.array(lines), wt2.vocab), expected)
-    np.testing.assert_array_equal(np.asarray(wt2._split_tokens("valid")), expected)
+    for split in ("train", "valid"):  # train ids come from the one-pass builder, valid from encode_lines
+        lines = (wikitext2_dir / f"wiki.{split}.tokens").read_text(encoding="utf-8").split("\n")[:-1]
+        expected = python_encode(lines, wt2.vocab)
+        np.testing.assert_array_equal(encode_lines(pa.array(lines), wt2.vocab), expected)
+        np.testing.assert_array_equal(np.asarray(wt2._split_tokens(split)), expected)
 
 
 def test_streaming_and_materialised_paths_give_identical_ids(wt2, wikitext2_dir: Path, tmp_path: Path):
@@ -63,7 +64,7 @@ def test_cache_is_reused_without_reencoding(synthetic_dir: Path, tmp_path: Path,
         raise AssertionError("a valid cache was encoded again")
 
     monkeypatch.setattr(corpus, "encode_lines", fail)
-    monkeypatch.setattr(corpus, "count_words", fail)
+    monkeypatch.setattr(corpus, "build_vocabulary_and_encode", fail)
     again = CorpusCache(WikiTextSource("wikitext-2", synthetic_dir), tmp_path)
     assert again.prepare().itos == vocab.itos
     assert [p.stat().st_ino for p in paths] == inodes
@@ -99,16 +100,17 @@ def test_a_write_killed_midway_leaves_no_usable_file(synthetic_dir: Path, tmp_pa
     real_encode = corpus.encode_lines
     calls = {"n": 0}
 
-    def dies_on_second_split(lines, vocab):
-        calls["n"] += 1
-        if calls["n"] == 2:
+    def dies_in_valid_split(lines, vocab):
+        calls["n"] += 1  # train is encoded with the vocabulary; valid is the first split encoded on its own
+        if calls["n"] == 1:
             raise KeyboardInterrupt  # stands in for a kill during the valid split
         return real_encode(lines, vocab)
 
-    monkeypatch.setattr(corpus, "encode_lines", dies_on_second_split)
+    monkeypatch.setattr(corpus, "encode_lines", dies_in_valid_split)
     with pytest.raises(KeyboardInterrupt):
         cache.prepare()
     vocab = Vocabulary.load(cache.vocab_path)
+    assert cache.tokens_path("train", vocab).exists()
     assert not cache.tokens_path("valid", vocab).exists()
     assert not list(cache.dir.glob(".*.tmp")), "temporary files must be cleaned up"
     monkeypatch.setattr(corpus, "encode_lines", real_encode)
