@@ -22,6 +22,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -29,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from filelock import FileLock
 
 from datamodules.vocab import Vocabulary, atomic_write_bytes
 
@@ -212,6 +214,7 @@ class CorpusCache:
     def __init__(self, source: WikiTextSource, root: Path) -> None:
         self.source = source
         self.dir = Path(root).expanduser() / source.cache_key
+        self._lock_depth = 0  # the lock is taken per use (a FileLock cannot be pickled to spawned processes)
 
     @property
     def vocab_path(self) -> Path:
@@ -223,27 +226,48 @@ class CorpusCache:
 
     def prepare(self) -> Vocabulary:
         """Builds whatever is missing or stale (vocabulary, then each split's ids) and returns the vocabulary."""
-        vocab = self.prepare_vocabulary()
-        for split in SPLITS:
-            path = self.tokens_path(split, vocab)
-            if not self._is_valid(path, self._tokens_manifest(split, vocab), verify_content=True):
-                log.info("encoding the %s %s split into %s", self.source.name, split, path)
-                self._write_ids(path, split, vocab, map(partial(encode_lines, vocab=vocab),
-                                                        self.source.line_batches(split)))
+        with self._locked():
+            vocab = self.prepare_vocabulary()
+            for split in SPLITS:
+                path = self.tokens_path(split, vocab)
+                if not self._is_valid(path, self._tokens_manifest(split, vocab), verify_content=True):
+                    log.info("encoding the %s %s split into %s", self.source.name, split, path)
+                    self._write_ids(path, split, vocab, map(partial(encode_lines, vocab=vocab),
+                                                            self.source.line_batches(split)))
         return vocab
 
     def prepare_vocabulary(self) -> Vocabulary:
         """The cached vocabulary, built from the train split first if it is missing or stale (the train ids
         are cached in the same pass)."""
-        self.source.check()
-        vocab = self._valid_vocab()
-        if vocab is None:
-            log.info("building the %s vocabulary and train ids from its train split", self.source.name)
-            vocab, train_ids = build_vocabulary_and_encode(self.source.line_batches("train"))
-            self._write_ids(self.tokens_path("train", vocab), "train", vocab, train_ids)
-            vocab.save(self.vocab_path)
-            self._write_manifest(self.vocab_path, self._vocab_manifest(vocab))
+        with self._locked():
+            vocab = self._valid_vocab()
+            if vocab is None:
+                log.info("building the %s vocabulary and train ids from its train split", self.source.name)
+                vocab, train_ids = build_vocabulary_and_encode(self.source.line_batches("train"))
+                self._write_ids(self.tokens_path("train", vocab), "train", vocab, train_ids)
+                vocab.save(self.vocab_path)
+                self._write_manifest(self.vocab_path, self._vocab_manifest(vocab))
         return vocab
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Checks the source, then holds this cache's inter-process lock (re-entrant within a process).
+
+        Processes building the same cache (DDP ranks reading ``vocab_size``, sweep agents) take turns: the first
+        builds, the others wait and then find it valid.
+        """
+        self.source.check()
+        if self._lock_depth == 0:
+            self.dir.parent.mkdir(parents=True, exist_ok=True)
+            lock = FileLock(str(self.dir) + ".lock")
+        else:
+            lock = nullcontext()
+        self._lock_depth += 1
+        try:
+            with lock:
+                yield
+        finally:
+            self._lock_depth -= 1
 
     def load(self) -> tuple[Vocabulary, dict[str, np.memmap]]:
         """Opens a prepared cache: the vocabulary and a read-only memmap of each split's ids."""

@@ -11,10 +11,10 @@ from pytorch_lightning.cli import OptimizerCallable
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import SumMetric
 
+from lightning_modules.adaptive import IGNORE_INDEX
 from lightning_modules.model import MemoryTransformerLM
 from lightning_modules.optim import warmup_cosine_factor
 
-IGNORE_INDEX = -100
 Stage = Literal["train", "val", "test"]
 
 
@@ -62,9 +62,12 @@ class LanguageModel(pl.LightningModule):
         self.lr_schedule, self.warmup_steps = lr_schedule, warmup_steps
         self.decay_steps, self.min_lr_ratio = decay_steps, min_lr_ratio
         self._memory: dict[str, list[torch.Tensor] | None] = {"train": None, "val": None, "test": None}
-        self.nll_sum = torch.nn.ModuleDict({s: SumMetric() for s in ("val", "test")})
-        self.token_count = torch.nn.ModuleDict({s: SumMetric() for s in ("val", "test")})
-        self._step_started = 0.0
+        # NaN must propagate: a diverged batch may not vanish from the perplexity while its tokens still count
+        self.nll_sum = torch.nn.ModuleDict({s: SumMetric(nan_strategy="disable") for s in ("val", "test")})
+        self.token_count = torch.nn.ModuleDict({s: SumMetric(nan_strategy="disable") for s in ("val", "test")})
+        for metric in (*self.nll_sum.values(), *self.token_count.values()):
+            metric.set_dtype(torch.float64)
+        self._last_batch_end: float | None = None
         self.max_new_tokens, self.temperature, self.top_k = max_new_tokens, temperature, top_k
 
     def forward(self, input_ids: torch.Tensor, memory: list[torch.Tensor] | None = None):
@@ -76,8 +79,7 @@ class LanguageModel(pl.LightningModule):
         input_ids, target_ids = batch
         out = self.model(input_ids, target_ids=target_ids, memory=self._memory[stage])
         self._memory[stage] = out.memory
-        scored = target_ids != IGNORE_INDEX
-        return out.nll.masked_fill(~scored, 0).sum(), scored.sum()
+        return out.nll.sum(), (target_ids != IGNORE_INDEX).sum()  # nll is 0 at unscored targets
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         nll_sum, count = self._scored_nll(batch, "train")
@@ -87,13 +89,16 @@ class LanguageModel(pl.LightningModule):
         self.log("train/lr", self.optimizers().param_groups[0]["lr"])
         return loss
 
-    def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        self._step_started = time.perf_counter()
+    def on_train_epoch_end(self) -> None:
+        self._last_batch_end = None
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        elapsed = time.perf_counter() - self._step_started
+        # int() waits for the device, so the interval between two batch ends is the real step time on a GPU too
         tokens = int((batch[1] != IGNORE_INDEX).sum()) * self.trainer.world_size
-        self.log("train/tokens_per_s", tokens / max(elapsed, 1e-9))
+        now = time.perf_counter()
+        if self._last_batch_end is not None:
+            self.log("train/tokens_per_s", tokens / max(now - self._last_batch_end, 1e-9))
+        self._last_batch_end = now
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._accumulate(batch, "val")
@@ -103,11 +108,13 @@ class LanguageModel(pl.LightningModule):
 
     def _accumulate(self, batch: tuple[torch.Tensor, torch.Tensor], stage: Stage) -> None:
         nll_sum, count = self._scored_nll(batch, stage)
-        self.nll_sum[stage].update(nll_sum.double())
-        self.token_count[stage].update(count.double())
+        self.nll_sum[stage].update(nll_sum)
+        self.token_count[stage].update(count)
 
     def _log_perplexity(self, stage: Stage) -> None:
-        mean_nll = self.nll_sum[stage].compute() / self.token_count[stage].compute().clamp(min=1)
+        tokens = self.token_count[stage].compute()
+        mean_nll = self.nll_sum[stage].compute() / tokens.clamp(min=1)
+        self.log(f"{stage}/tokens", tokens.float(), sync_dist=False)  # scored tokens, all ranks
         self.log(f"{stage}/loss", mean_nll.float(), sync_dist=False)
         self.log(f"{stage}/ppl", torch.exp(mean_nll).float(), prog_bar=True, sync_dist=False)
         self.nll_sum[stage].reset()

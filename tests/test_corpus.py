@@ -177,3 +177,20 @@ def test_unreachable_hub_says_to_pass_a_local_data_dir(tmp_path: Path, monkeypat
     cache = CorpusCache(WikiTextSource("wikitext-2", None, hf_cache_dir=tmp_path / "hf"), tmp_path)
     with pytest.raises(ConnectionError, match=r"could not reach the Hugging Face hub.*pass data_dir="):
         cache.prepare()
+
+
+def _prepare_in_another_process(data_dir: str, root: str) -> int:
+    cache = CorpusCache(WikiTextSource("wikitext-2", Path(data_dir)), Path(root))
+    return len(cache.prepare())
+
+
+def test_concurrent_preparations_end_with_one_valid_cache(wikitext2_dir: Path, tmp_path: Path):
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        sizes = pool.starmap(_prepare_in_another_process, [(str(wikitext2_dir), str(tmp_path))] * 2)
+    assert sizes == [33278, 33278]
+    cache = CorpusCache(WikiTextSource("wikitext-2", wikitext2_dir), tmp_path)
+    assert all(cache._is_valid(cache.tokens_path(s, cache.load()[0]),
+                               cache._tokens_manifest(s, cache.load()[0]), verify_content=True) for s in corpus.SPLITS)
+    assert not list(tmp_path.rglob("*.tmp")), "no temporary file is left behind"

@@ -131,3 +131,13 @@ def test_learning_rate_follows_the_warmup_cosine_schedule_and_is_logged():
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches(7), batch_size=None))
     expected = [0.5 * warmup_cosine_factor(step, 2, 6, 0.2) for step in range(7)]
     assert seen == pytest.approx(expected)
+
+
+def test_a_nan_batch_makes_the_perplexity_nan_instead_of_vanishing():
+    module = LanguageModel(tiny_model())
+    module.nll_sum["val"].update(torch.tensor(40.0))
+    module.token_count["val"].update(torch.tensor(10))
+    module.nll_sum["val"].update(torch.tensor(float("nan")))
+    module.token_count["val"].update(torch.tensor(10))
+    assert torch.isnan(module.nll_sum["val"].compute() / module.token_count["val"].compute())
+    assert module.nll_sum["val"].compute().dtype == torch.float64
