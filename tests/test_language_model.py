@@ -141,3 +141,27 @@ def test_a_nan_batch_makes_the_perplexity_nan_instead_of_vanishing():
     module.token_count["val"].update(torch.tensor(10))
     assert torch.isnan(module.nll_sum["val"].compute() / module.token_count["val"].compute())
     assert module.nll_sum["val"].compute().dtype == torch.float64
+
+
+class MemoryProbe(LanguageModel):
+    """Records, for every step, (stage, batch_idx, whether it started from an empty memory)."""
+
+    def __init__(self, model: MemoryTransformerLM) -> None:
+        super().__init__(model, optimizer=lambda p: torch.optim.SGD(p, lr=0.01))
+        self.seen: list[tuple[str, int, bool]] = []
+
+    def _scored_nll(self, batch, stage):
+        self.seen.append((stage, self.trainer.current_epoch, self._memory[stage] is None))
+        return super()._scored_nll(batch, stage)
+
+
+def test_real_trainer_resets_memory_per_epoch_and_evaluation_and_after_the_sanity_check():
+    module = MemoryProbe(tiny_model())
+    loader = torch.utils.data.DataLoader(batches(3), batch_size=None)
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=2)
+    trainer.fit(module, train_dataloaders=loader, val_dataloaders=loader)
+    fresh = [(stage, epoch) for stage, epoch, empty in module.seen if empty]
+    # the sanity check, each training epoch and each validation start from an empty memory, nothing else does
+    assert fresh == [("val", 0), ("train", 0), ("val", 0), ("train", 1), ("val", 1)]
+    assert len(module.seen) == 2 + 2 * (3 + 3)
