@@ -148,8 +148,8 @@ class WikiTextSource:
 
     def line_batches(self, split: str) -> Iterator[pa.Array]:
         """The lines of ``split`` in order, as Arrow string arrays of up to ``LINES_PER_BATCH`` lines."""
-        dataset = self._load(split)
-        try:
+        try:  # datasets may meet bad bytes while loading (materialised) or while iterating (streaming)
+            dataset = self._load(split)
             for table in dataset.with_format("arrow").iter(batch_size=LINES_PER_BATCH):
                 yield table.column("text").combine_chunks()
         except Exception as error:
@@ -164,14 +164,8 @@ class WikiTextSource:
         cache_dir = None if self.hf_cache_dir is None else str(self.hf_cache_dir)
         if self.data_dir is not None:
             files = {split: str(self.split_file(split))}
-            try:
-                return datasets.load_dataset("text", data_files=files, split=split, streaming=self.streaming,
-                                             cache_dir=cache_dir)
-            except Exception as error:
-                if _caused_by(error, UnicodeDecodeError):
-                    raise ValueError(f"{self.split_file(split)} is not UTF-8 text: re-copy the WikiText file") \
-                        from error
-                raise
+            return datasets.load_dataset("text", data_files=files, split=split, streaming=self.streaming,
+                                         cache_dir=cache_dir)
         config = HUB_CONFIGS[self.name]
         try:
             return datasets.load_dataset(HUB_REPO, config, split=_HUB_SPLITS[split], streaming=self.streaming,

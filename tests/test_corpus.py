@@ -157,10 +157,11 @@ def test_empty_split_file(synthetic_dir: Path, tmp_path: Path):
         CorpusCache(WikiTextSource("wikitext-2", synthetic_dir), tmp_path).prepare()
 
 
-def test_non_utf8_file(synthetic_dir: Path, tmp_path: Path):
+@pytest.mark.parametrize("streaming", [False, True])
+def test_non_utf8_file(synthetic_dir: Path, tmp_path: Path, streaming: bool):
     (synthetic_dir / "wiki.valid.tokens").write_bytes(b" caf\xe9 au lait \n")
     with pytest.raises(ValueError, match=r"wiki\.valid\.tokens is not UTF-8"):
-        CorpusCache(WikiTextSource("wikitext-2", synthetic_dir), tmp_path).prepare()
+        CorpusCache(WikiTextSource("wikitext-2", synthetic_dir, streaming), tmp_path).prepare()
 
 
 def test_unknown_dataset_name():
