@@ -19,8 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -32,7 +30,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from filelock import FileLock
 
-from datamodules.vocab import Vocabulary, atomic_write_bytes
+from datamodules.atomic import atomic_file, atomic_write_bytes
+from datamodules.vocab import Vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -310,22 +309,13 @@ class CorpusCache:
 
     def _write_ids(self, path: Path, split: str, vocab: Vocabulary, chunks: Iterable[np.ndarray]) -> None:
         self._manifest_path(path).unlink(missing_ok=True)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         digest, num_tokens = hashlib.sha256(), 0
-        try:
-            with os.fdopen(fd, "wb") as f:
-                for ids in chunks:
-                    digest.update(ids.data)
-                    f.write(ids.data)
-                    num_tokens += len(ids)
-                f.flush()
-                os.fsync(f.fileno())
+        with atomic_file(path) as f:
+            for ids in chunks:
+                digest.update(ids.data)
+                f.write(ids.data)
+                num_tokens += len(ids)
             if num_tokens == 0:
                 raise ValueError(f"the {self.source.name} {split} split has no text")
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
         manifest = self._tokens_manifest(split, vocab) | {"num_tokens": num_tokens, "sha256": digest.hexdigest()}
         self._write_manifest(path, manifest)

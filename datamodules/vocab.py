@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from functools import cached_property
 from pathlib import Path
 
 import pyarrow as pa
+
+from datamodules.atomic import atomic_write_bytes
 
 UNK = "<unk>"
 EOS = "</s>"
@@ -87,17 +88,3 @@ class Vocabulary:
         text = Path(path).read_text(encoding="utf-8")
         return cls(text.split("\n")[:-1])
 
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Writes ``data`` to ``path`` through a temporary file and a rename, so the file is whole or absent."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
