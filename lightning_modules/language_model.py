@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from functools import partial
 from typing import Literal
 
 import pytorch_lightning as pl
@@ -154,11 +155,7 @@ class LanguageModel(pl.LightningModule):
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(self.parameters())
         decay_steps = self.decay_steps or max(1, int(self.trainer.estimated_stepping_batches))
-        if self.lr_schedule == "constant":
-            def factor(step: int) -> float:
-                return min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
-        else:
-            def factor(step: int) -> float:
-                return warmup_cosine_factor(step, self.warmup_steps, decay_steps, self.min_lr_ratio)
-        scheduler = LambdaLR(optimizer, factor)
+        final_ratio = 1.0 if self.lr_schedule == "constant" else self.min_lr_ratio  # constant: a cosine to 100%
+        scheduler = LambdaLR(optimizer, partial(warmup_cosine_factor, warmup_steps=self.warmup_steps,
+                                                decay_steps=decay_steps, min_ratio=final_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -133,6 +133,16 @@ def test_learning_rate_follows_the_warmup_cosine_schedule_and_is_logged():
     assert seen == pytest.approx(expected)
 
 
+def test_constant_schedule_warms_up_then_holds_the_peak():
+    module = LanguageModel(tiny_model(), optimizer=lambda p: torch.optim.SGD(p, lr=0.5), lr_schedule="constant",
+                           warmup_steps=2)
+    trainer = pl.Trainer(max_steps=5, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches(5), batch_size=None))
+    scheduler = trainer.lr_scheduler_configs[0].scheduler
+    assert [scheduler.lr_lambdas[0](step) for step in range(5)] == [0.5, 1.0, 1.0, 1.0, 1.0]
+
+
 def test_a_nan_batch_makes_the_perplexity_nan_instead_of_vanishing():
     module = LanguageModel(tiny_model())
     module.nll_sum["val"].update(torch.tensor(40.0))
