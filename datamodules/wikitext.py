@@ -90,8 +90,8 @@ class WikiTextDataModule(pl.LightningDataModule):
     def vocab_size(self) -> int:
         """Number of vocabulary entries, end-of-line and ``<unk>`` included (the model's ``vocab_size``).
 
-        Available before ``setup``, so the CLI can size the model at instantiation: it loads (or first builds) the
-        cached vocabulary only.
+        Available before ``setup``, so the CLI can size the model at instantiation: it loads the cached
+        vocabulary, or first builds it (with the train ids, which come from the same pass over the train split).
         """
         if self._vocab is None:
             return len(self.cache.prepare_vocabulary())
