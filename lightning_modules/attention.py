@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from lightning_modules.slicing import ParameterSlice, slice_parameter_
+
 ATTN_IMPLS = ("sdpa", "reference")
 
 
@@ -103,10 +105,30 @@ class RelativeMultiHeadAttention(nn.Module):
         else:
             self.register_parameter("persistent_k", None)
             self.register_parameter("persistent_v", None)
+        # original index of each head, so a pruned layer can say which heads survived
+        self.register_buffer("head_ids", torch.arange(n_heads))
 
     def head_slice(self, head: int) -> slice:
         """Rows of q/k/v/r_proj.weight (and columns of o_proj.weight) that belong to `head`."""
         return slice(head * self.d_head, (head + 1) * self.d_head)
+
+    @torch.no_grad()
+    def select_heads_(self, keep: Tensor, out_scale: float = 1.0) -> list[ParameterSlice]:
+        """Keep only heads ``keep`` (long indices of the current heads), in place; the rest are removed from every
+        per-head weight, bias and persistent memory. ``out_scale`` multiplies the kept columns of W_o (to fold a
+        constant factor on the head outputs into it). Returns the slices, for the optimizer state."""
+        keep = keep.to(self.head_ids.device)
+        rows = (keep[:, None] * self.d_head + torch.arange(self.d_head, device=keep.device)).flatten()
+        slices = [slice_parameter_(proj.weight, 0, rows) for proj in (self.q_proj, self.k_proj, self.v_proj,
+                                                                     self.r_proj)]
+        slices.append(slice_parameter_(self.o_proj.weight, 1, rows, scale=out_scale))
+        per_head = [self.content_bias, self.position_bias]
+        if self.n_persistent > 0:
+            per_head += [self.persistent_k, self.persistent_v]
+        slices += [slice_parameter_(p, 0, keep) for p in per_head]
+        self.head_ids = self.head_ids[keep]
+        self.n_heads = keep.numel()
+        return slices
 
     def forward(
         self, x: Tensor, mem: Tensor | None, pos_emb: Tensor, head_scale: Tensor | None = None
@@ -118,7 +140,8 @@ class RelativeMultiHeadAttention(nn.Module):
             mem: normalised memory, [B, M, d_model], or None for no memory (M = 0).
             pos_emb: position-table rows for distances S-1 .. 0, [S, d_model] with S = M + T.
             head_scale: optional per-head multiplier [n_heads] on each head's output before o_proj
-                (the hook for head gates); None skips it.
+                (the hook for head gates); None skips it. When every entry is 0 the whole output is 0, the
+                output bias included: a layer whose heads are all shut contributes nothing, like a pruned one.
         Returns:
             [B, T, d_model]
         """
@@ -135,9 +158,10 @@ class RelativeMultiHeadAttention(nn.Module):
         allowed = attention_mask(T, S - T, self.same_length, x.device)  # (T, S)
         attend = self._attend_sdpa if self.impl == "sdpa" else self._attend_reference
         o = attend(q, k, v, r, allowed)  # (B, H, T, D)
-        if head_scale is not None:
-            o = o * head_scale.view(H, 1, 1)
-        return self.o_proj(rearrange(o, "b h t d -> b t (h d)"))  # (B, T, d)
+        if head_scale is None:
+            return self.o_proj(rearrange(o, "b h t d -> b t (h d)"))  # (B, T, d)
+        out = self.o_proj(rearrange(o * head_scale.view(H, 1, 1), "b h t d -> b t (h d)"))
+        return out * head_scale.detach().ne(0).any().to(out.dtype)  # a 0-dim factor: no host sync
 
     def _attend_sdpa(self, q: Tensor, k: Tensor, v: Tensor, r: Tensor, allowed: Tensor) -> Tensor:
         """Fast path: position term, u·k and the causal mask go in as one additive bias."""

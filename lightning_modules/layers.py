@@ -2,14 +2,36 @@
 
 Both take the layer input h [B, T, d], the layer's memory [B, M, d] (earlier inputs of this layer, not yet
 normalised) and the position-table rows [S, d]; the same LayerNorm normalises h and the memory (PAPER 1.2).
+Each has a :class:`HardConcreteGate` over its heads (used only when the model switches gating on) and a
+``select_heads_`` that removes heads physically; a layer with no heads left skips its attention sublayer.
 """
 
 from torch import Tensor, nn
 
 from lightning_modules.attention import RelativeMultiHeadAttention
+from lightning_modules.gates import HardConcreteGate
+from lightning_modules.slicing import ParameterSlice, slice_parameter_
 
 
-class AllAttentionLayer(nn.Module):
+class GatedHeadsMixin:
+    """Head gate and physical head removal shared by both layer types (``self.attn`` and ``self.gate``)."""
+
+    attn: RelativeMultiHeadAttention
+    gate: HardConcreteGate
+
+    @property
+    def n_heads(self) -> int:
+        """Heads left in this layer."""
+        return self.attn.n_heads
+
+    def select_heads_(self, keep: Tensor, out_scale: float = 1.0) -> list[ParameterSlice]:
+        """Keep only heads ``keep`` (indices of the current heads): attention weights and gates alike."""
+        slices = self.attn.select_heads_(keep, out_scale)
+        slices.append(slice_parameter_(self.gate.log_alpha, 0, keep))
+        return slices
+
+
+class AllAttentionLayer(GatedHeadsMixin, nn.Module):
     """All-attention layer: h + Drop(Attn(LN(h), LN(mem))), where the attention has persistent key/value
     slots per head that stand in for the feed-forward sublayer (PAPER 1.2)."""
 
@@ -23,6 +45,7 @@ class AllAttentionLayer(nn.Module):
         dropatt: float = 0.0,
         same_length: bool = True,
         attn_impl: str = "sdpa",
+        gate: HardConcreteGate | None = None,
     ) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(d_model)
@@ -31,11 +54,14 @@ class AllAttentionLayer(nn.Module):
             same_length=same_length, impl=attn_impl,
         )
         self.drop = nn.Dropout(dropout)
+        self.gate = gate if gate is not None else HardConcreteGate(n_heads)
 
     def forward(
         self, h: Tensor, mem: Tensor | None, pos_emb: Tensor, head_scale: Tensor | None = None
     ) -> Tensor:
         """h [B, T, d], mem [B, M, d] or None, pos_emb [S, d] -> [B, T, d]."""
+        if self.attn.n_heads == 0:
+            return h
         m = None if mem is None else self.norm(mem)
         return h + self.drop(self.attn(self.norm(h), m, pos_emb, head_scale=head_scale))
 
@@ -58,7 +84,7 @@ class FeedForward(nn.Module):
         return self.fc_out(self.drop(self.fc_in(x).relu()))
 
 
-class TransformerXLLayer(nn.Module):
+class TransformerXLLayer(GatedHeadsMixin, nn.Module):
     """Transformer-XL layer, pre-norm: h + Drop(Attn(LN1(h), LN1(mem))), then h + Drop(FF(LN2(h)))."""
 
     def __init__(
@@ -71,6 +97,7 @@ class TransformerXLLayer(nn.Module):
         dropatt: float = 0.0,
         same_length: bool = True,
         attn_impl: str = "sdpa",
+        gate: HardConcreteGate | None = None,
     ) -> None:
         super().__init__()
         self.attn_norm = nn.LayerNorm(d_model)
@@ -80,13 +107,15 @@ class TransformerXLLayer(nn.Module):
         self.ff_norm = nn.LayerNorm(d_model)
         self.ff = FeedForward(d_model, d_inner, dropout)
         self.drop = nn.Dropout(dropout)
+        self.gate = gate if gate is not None else HardConcreteGate(n_heads)
 
     def forward(
         self, h: Tensor, mem: Tensor | None, pos_emb: Tensor, head_scale: Tensor | None = None
     ) -> Tensor:
         """h [B, T, d], mem [B, M, d] or None, pos_emb [S, d] -> [B, T, d]."""
-        m = None if mem is None else self.attn_norm(mem)
-        h = h + self.drop(self.attn(self.attn_norm(h), m, pos_emb, head_scale=head_scale))
+        if self.attn.n_heads > 0:
+            m = None if mem is None else self.attn_norm(mem)
+            h = h + self.drop(self.attn(self.attn_norm(h), m, pos_emb, head_scale=head_scale))
         return h + self.drop(self.ff(self.ff_norm(h)))
 
     def flops_per_token(self, context_len: int) -> int:

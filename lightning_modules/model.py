@@ -6,16 +6,19 @@ Forward: adaptive embedding -> input dropout -> x sqrt(d) -> layers, each with i
 """
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from lightning_modules.adaptive import AdaptiveEmbedding, AdaptiveSoftmax, cluster_dims
 from lightning_modules.attention import ATTN_IMPLS, RelativeMultiHeadAttention
+from lightning_modules.gates import HardConcreteGate
 from lightning_modules.layers import AllAttentionLayer, FeedForward, TransformerXLLayer
+from lightning_modules.slicing import ParameterSlice
 
 LAYER_TYPES = ("all_attention", "transformer_xl")
 
@@ -66,6 +69,15 @@ class MemoryTransformerLM(nn.Module):
         init_s2: uniform init bound for W_q/k/v/r, FFN, cluster logits and persistent K/V;
             None = sqrt(1/(d·L)) (PAPER 1.3).
         attn_impl: "sdpa" (fused scaled_dot_product_attention) or "reference" (explicit softmax).
+        gate_init: initial log-alpha of every head gate (PAPER 3.2: 2.0 keeps heads open 88% of training steps).
+        gate_beta, gate_gamma, gate_zeta: hard-concrete temperature and stretch interval (PAPER 2).
+        output_scaling: when gating, multiply a layer's head outputs by heads / open heads (no gradient through
+            the factor), so shutting heads keeps the layer's output scale (PAPER 3.3); folded into W_o when
+            heads are removed.
+
+    Pruning API (see DESIGN "Contracts"): ``gates_enabled``, ``l0_penalty``, ``expected_open_heads``,
+    ``head_keep_mask``, ``prune_heads``, ``heads_per_layer``, ``head_ids``. Gates are off after construction:
+    the model is then the dense baseline, bit for bit.
     """
 
     def __init__(
@@ -92,8 +104,16 @@ class MemoryTransformerLM(nn.Module):
         init_s1: float | None = None,
         init_s2: float | None = None,
         attn_impl: str = "sdpa",
+        gate_init: float = 2.0,
+        gate_beta: float = 0.333,
+        gate_gamma: float = -0.1,
+        gate_zeta: float = 1.1,
+        output_scaling: bool = False,
     ) -> None:
         super().__init__()
+        # every constructor argument, so a checkpoint can rebuild this model (see LanguageModel.load_from_checkpoint)
+        self.config: dict[str, Any] = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        self.config["cutoffs"] = list(cutoffs)
         cutoffs = list(cutoffs)
         if dropout_out is None:
             dropout_out = 1 - (1 - dropout) ** 2
@@ -110,12 +130,20 @@ class MemoryTransformerLM(nn.Module):
         self.embedding = AdaptiveEmbedding(vocab_size, d_model, cutoffs, div_value, word_dropout)
         self.drop_emb = nn.Dropout(dropemb)
         self.pos_table = nn.Parameter(torch.empty(max_len, d_model))  # learned P; row r <-> distance S-1-r
+        def gate() -> HardConcreteGate:
+            return HardConcreteGate(n_heads, gate_init, gate_beta, gate_gamma, gate_zeta)
+
         common = dict(dropout=dropout, dropatt=dropatt, same_length=same_length, attn_impl=attn_impl)
         if layer_type == "all_attention":
-            layers = [AllAttentionLayer(d_model, n_heads, d_head, n_persistent, **common) for _ in range(n_layers)]
+            layers = [AllAttentionLayer(d_model, n_heads, d_head, n_persistent, **common, gate=gate())
+                      for _ in range(n_layers)]
         else:
-            layers = [TransformerXLLayer(d_model, n_heads, d_head, d_inner, **common) for _ in range(n_layers)]
+            layers = [TransformerXLLayer(d_model, n_heads, d_head, d_inner, **common, gate=gate())
+                      for _ in range(n_layers)]
         self.layers = nn.ModuleList(layers)
+        self.output_scaling = output_scaling
+        self._gates_enabled = False
+        self._refresh_requires_grad()
         self.drop_out = nn.Dropout(dropout_out)
         self.softmax = AdaptiveSoftmax(self.embedding)  # tied to the embedding (PAPER 1.4)
 
@@ -194,7 +222,7 @@ class MemoryTransformerLM(nn.Module):
         pos_emb = self.drop_emb(self.pos_table[-n_ctx:])  # (S, d), distances S-1 .. 0
         hiddens = [h]
         for layer, mem in zip(self.layers, memory[:-1], strict=True):
-            h = layer(h, mem, pos_emb)  # (B, T, d)
+            h = layer(h, mem, pos_emb, head_scale=self._head_scale(layer))  # (B, T, d)
             hiddens.append(h)
         new_memory = self._update_memory(memory, hiddens)
 
@@ -275,10 +303,123 @@ class MemoryTransformerLM(nn.Module):
         for layer in self.layers:
             layer.attn.impl = impl
 
+    # ------------------------------------------------------------------------------------------- pruning API
+
+    @property
+    def gates_enabled(self) -> bool:
+        """Whether the head gates act. Off: the dense model, bit for bit, and the gates get no gradient."""
+        return self._gates_enabled
+
+    @gates_enabled.setter
+    def gates_enabled(self, enabled: bool) -> None:
+        self._gates_enabled = bool(enabled)
+        self._refresh_requires_grad()
+
+    def _refresh_requires_grad(self) -> None:
+        """Only parameters that take part in the forward train: gates only when enabled, and nothing of an
+        emptied attention sublayer (DDP rejects parameters that never get a gradient)."""
+        for layer in self.layers:
+            empty = layer.n_heads == 0
+            layer.gate.log_alpha.requires_grad_(self._gates_enabled and not empty)
+            norm = layer.norm if isinstance(layer, AllAttentionLayer) else layer.attn_norm
+            for p in (*layer.attn.parameters(), *norm.parameters()):
+                p.requires_grad_(not empty)
+
+    def _head_scale(self, layer: AllAttentionLayer | TransformerXLLayer) -> Tensor | None:
+        """Per-head multiplier of one layer: its gates (times the output-scaling factor), or None when ungated."""
+        if not self._gates_enabled or layer.n_heads == 0:
+            return None
+        g = layer.gate()  # (H,) exact 0/1 values
+        if self.output_scaling:
+            g = g * (layer.n_heads / g.detach().sum().clamp(min=1))
+        return g
+
+    def set_gate_temperature(self, beta: float) -> None:
+        """Set the hard-concrete temperature of every gate (for annealing it during training)."""
+        if beta <= 0:
+            raise ValueError(f"gate temperature must be > 0; got {beta}")
+        for layer in self.layers:
+            layer.gate.beta = beta
+
+    def l0_penalty(self) -> Tensor:
+        """Expected number of open gates over all layers, the paper's L0 term (differentiable)."""
+        return sum((layer.gate.l0() for layer in self.layers if layer.n_heads > 0), self.pos_table.new_zeros(()))
+
+    def expected_open_heads(self) -> Tensor:
+        """Expected number of heads a training forward keeps, sum of sigmoid(log_alpha) (differentiable)."""
+        return sum((layer.gate.open_probability().sum() for layer in self.layers if layer.n_heads > 0),
+                   self.pos_table.new_zeros(()))
+
+    def head_keep_mask(self) -> list[Tensor]:
+        """The gates' deterministic decision, one bool tensor [heads of layer] per layer: True = keep."""
+        return [layer.gate.keep_mask() for layer in self.layers]
+
     @property
     def heads_per_layer(self) -> list[int]:
         """Number of attention heads in each layer."""
         return [layer.attn.n_heads for layer in self.layers]
+
+    @property
+    def head_ids(self) -> list[list[int]]:
+        """Original index (at construction) of every head still present, per layer."""
+        return [layer.attn.head_ids.tolist() for layer in self.layers]
+
+    @property
+    def total_heads(self) -> int:
+        """Heads the model was built with (the denominator of sparsity)."""
+        return self.config["n_heads"] * self.n_layers
+
+    def prune_heads(self, heads: Mapping[int, Sequence[int]]) -> list[ParameterSlice]:
+        """Physically remove heads: ``{layer: [head, ...]}``, head numbers indexing the layer's *current* heads.
+
+        Every per-head slice goes: rows of W_q/W_k/W_v/W_r, columns of W_o, u and v', persistent K/V and the
+        gate. A layer left with no heads skips its attention sublayer (an All-attention layer becomes the
+        identity). With gates and output scaling on, the change of the layer's scaling factor is folded into
+        W_o, so in eval mode the pruned model computes what the gated one did when the removed heads are the
+        shut ones. Returns the slices made, so optimizer state can follow (``slice_optimizer_state_``).
+        """
+        plan = {}
+        for layer_idx, drop in heads.items():
+            if not 0 <= layer_idx < self.n_layers:
+                raise ValueError(f"layer {layer_idx} does not exist; the model has layers 0..{self.n_layers - 1}")
+            n = self.layers[layer_idx].n_heads
+            drop = sorted(set(int(h) for h in drop))
+            if drop and (drop[0] < 0 or drop[-1] >= n):
+                raise ValueError(f"layer {layer_idx} has heads 0..{n - 1} left; cannot remove {drop}")
+            if drop:
+                plan[layer_idx] = [h for h in range(n) if h not in drop]
+        slices: list[ParameterSlice] = []
+        for layer_idx, keep in plan.items():
+            layer = self.layers[layer_idx]
+            keep_t = torch.tensor(keep, dtype=torch.long)
+            slices += layer.select_heads_(keep_t, self._folded_scale(layer, keep_t))
+        self._refresh_requires_grad()
+        return slices
+
+    def _folded_scale(self, layer: AllAttentionLayer | TransformerXLLayer, keep: Tensor) -> float:
+        """Eval-mode output-scaling factor before removal over the factor after, 1.0 when it does not apply."""
+        if not (self._gates_enabled and self.output_scaling) or keep.numel() == 0:
+            return 1.0
+        is_open = layer.gate.keep_mask()
+        before = layer.n_heads / max(int(is_open.sum()), 1)
+        after = keep.numel() / max(int(is_open[keep.to(is_open.device)].sum()), 1)
+        return before / after
+
+    def prune_closed_heads(self) -> tuple[dict[int, list[int]], list[ParameterSlice]]:
+        """Remove every head whose gate is decided shut; returns ``({layer: [removed heads]}, slices)``."""
+        closed = {i: (~keep).nonzero().flatten().tolist() for i, keep in enumerate(self.head_keep_mask())}
+        closed = {i: heads for i, heads in closed.items() if heads}
+        return closed, self.prune_heads(closed)
+
+    def shrink_to(self, heads_per_layer: Sequence[int]) -> None:
+        """Remove trailing heads until each layer has ``heads_per_layer[i]`` (to load a pruned checkpoint)."""
+        current = self.heads_per_layer
+        if len(heads_per_layer) != len(current) or any(
+            k > n or k < 0 for k, n in zip(heads_per_layer, current, strict=True)
+        ):
+            raise ValueError(f"cannot shrink a model with heads per layer {current} to {list(heads_per_layer)}: "
+                             "the layout must have one entry per layer, none larger than the model's")
+        self.prune_heads({i: range(k, n) for i, (k, n) in enumerate(zip(heads_per_layer, current, strict=True))})
 
     def parameter_counts(self) -> dict[str, int | list[int]]:
         """Parameter counts: `total` (each tied tensor once), `embeddings` (adaptive input tables and
