@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Callable
 from functools import partial
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
@@ -13,8 +16,17 @@ from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import SumMetric
 
 from lightning_modules.adaptive import IGNORE_INDEX
+from lightning_modules.checkpoint_layout import (
+    CHECKPOINT_KEY,
+    apply_layout,
+    layout_record,
+    load_dense_weights,
+    read_checkpoint,
+)
 from lightning_modules.model import MemoryTransformerLM
 from lightning_modules.optim import warmup_cosine_factor
+
+log = logging.getLogger(__name__)
 
 Stage = Literal["train", "val", "test"]
 
@@ -39,6 +51,15 @@ class LanguageModel(pl.LightningModule):
         max_new_tokens: Tokens that ``predict`` generates after each prompt.
         temperature: Sampling temperature of ``predict``; 0 takes the most likely token.
         top_k: Sample only among the ``top_k`` most likely tokens (``None``: all).
+        gate_lr_factor: Learning rate of the head gates (``log_alpha``) relative to the others (PAPER 4.3: 10);
+            gates also get no weight decay.
+        init_from: A checkpoint whose model weights start this run (e.g. the dense baseline a pruning run
+            starts from). Its gates are not loaded: they start at this model's ``gate_init`` (PAPER 4.3). A
+            ``--ckpt_path`` resume restores its own weights over these.
+
+    Pruning hooks: ``regularizer`` (set by the ``HeadPruning`` callback) is added to the training loss; every
+    checkpoint records the head layout, and ``on_load_checkpoint`` shrinks a freshly built model to it before the
+    weights load, so resuming, testing and :meth:`load_from_checkpoint` work on pruned models.
     """
 
     def __init__(
@@ -52,6 +73,8 @@ class LanguageModel(pl.LightningModule):
         max_new_tokens: int = 50,
         temperature: float = 1.0,
         top_k: int | None = None,
+        gate_lr_factor: float = 10.0,
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         if warmup_steps < 0 or not 0 <= min_lr_ratio <= 1 or (decay_steps is not None and decay_steps < 1):
@@ -70,6 +93,10 @@ class LanguageModel(pl.LightningModule):
             metric.set_dtype(torch.float64)
         self._last_batch_end: float | None = None
         self.max_new_tokens, self.temperature, self.top_k = max_new_tokens, temperature, top_k
+        if gate_lr_factor <= 0:
+            raise ValueError(f"gate_lr_factor must be > 0; got {gate_lr_factor}")
+        self.gate_lr_factor, self.init_from = gate_lr_factor, init_from
+        self.regularizer: Callable[[], torch.Tensor] | None = None
 
     def forward(self, input_ids: torch.Tensor, memory: list[torch.Tensor] | None = None):
         """Log-probabilities of the next token at every position (and the new memory)."""
@@ -88,6 +115,10 @@ class LanguageModel(pl.LightningModule):
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/ppl", torch.exp(loss.detach()))
         self.log("train/lr", self.optimizers().param_groups[0]["lr"])
+        if self.regularizer is not None:
+            penalty = self.regularizer()
+            self.log("train/sparsity_loss", penalty.detach())
+            return loss + penalty
         return loss
 
     def on_train_epoch_end(self) -> None:
@@ -145,6 +176,30 @@ class LanguageModel(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_perplexity("test")
 
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.init_from:
+            loaded = load_dense_weights(self.model, self.init_from)
+            log.info("initialised %d weight tensors from %s; gates start at log_alpha=%s", loaded, self.init_from,
+                     self.model.config["gate_init"])
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CHECKPOINT_KEY] = layout_record(self.model)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        apply_layout(self.model, checkpoint.get(CHECKPOINT_KEY), source="the checkpoint")
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: str | Path, map_location: Any = None, **kwargs: Any):
+        """Lightning's ``load_from_checkpoint``; without a ``model`` argument the model is rebuilt from the
+        configuration the checkpoint records (and shrunk to its head layout)."""
+        if "model" not in kwargs:
+            record = read_checkpoint(checkpoint_path).get(CHECKPOINT_KEY)
+            if record is None:
+                raise ValueError(f"{checkpoint_path} has no headprune model record; pass model=MemoryTransformerLM(...)"
+                                 " built with the configuration it was trained with")
+            kwargs["model"] = MemoryTransformerLM(**record["model_config"])
+        return super().load_from_checkpoint(checkpoint_path, map_location=map_location, **kwargs)
+
     def on_fit_start(self) -> None:
         if self.logger is not None:
             self.logger.log_hyperparams({
@@ -153,7 +208,11 @@ class LanguageModel(pl.LightningModule):
             })
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(self.parameters())
+        gates = [p for name, p in self.model.named_parameters() if name.endswith("gate.log_alpha")]
+        gate_ids = {id(p) for p in gates}
+        others = [p for p in self.parameters() if id(p) not in gate_ids]
+        optimizer = self.optimizer_factory([{"params": others}, {"params": gates, "weight_decay": 0.0}])
+        optimizer.param_groups[1]["lr"] = optimizer.param_groups[0]["lr"] * self.gate_lr_factor
         decay_steps = self.decay_steps or max(1, int(self.trainer.estimated_stepping_batches))
         final_ratio = 1.0 if self.lr_schedule == "constant" else self.min_lr_ratio  # constant: a cosine to 100%
         scheduler = LambdaLR(optimizer, partial(warmup_cosine_factor, warmup_steps=self.warmup_steps,

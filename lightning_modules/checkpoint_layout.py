@@ -1,0 +1,102 @@
+"""What a checkpoint records about its model (configuration and head layout), and how a freshly built model is
+matched to it before weights load: checked for compatibility, then shrunk to the checkpoint's heads."""
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lightning_modules.model import MemoryTransformerLM
+
+CHECKPOINT_KEY = "headprune"
+LAYOUT_FORMAT = 1
+GATE_SUFFIX = "gate.log_alpha"
+# configuration entries that fix parameter shapes; the rest (dropouts, gate settings...) may differ between runs
+STRUCTURAL_KEYS = ("vocab_size", "layer_type", "n_layers", "d_model", "n_heads", "d_head", "cutoffs", "div_value",
+                   "max_len")
+
+
+def layout_record(model: MemoryTransformerLM) -> dict[str, Any]:
+    """The checkpoint entry for ``model``: its constructor configuration, head layout and gating switch."""
+    return {
+        "format": LAYOUT_FORMAT,
+        "model_config": dict(model.config),
+        "heads_per_layer": model.heads_per_layer,
+        "head_ids": model.head_ids,
+        "gates_enabled": model.gates_enabled,
+    }
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint file onto the CPU, with a clear error when it is missing or unreadable."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist; check the path (e.g. .../checkpoints/last.ckpt)")
+    try:
+        # our own checkpoints hold plain Python containers beside tensors, so the full unpickler is needed
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:
+        raise ValueError(f"checkpoint {path} cannot be read ({type(error).__name__}: {error}); "
+                         "it is truncated or not a checkpoint") from error
+
+
+def _structural_entries(config: dict[str, Any]) -> dict[str, Any]:
+    entries = {key: config.get(key) for key in STRUCTURAL_KEYS}
+    entries["cutoffs"] = list(entries["cutoffs"] or [])
+    width = "n_persistent" if config.get("layer_type") == "all_attention" else "d_inner"
+    entries[width] = config.get(width)
+    return entries
+
+
+def check_compatible(model: MemoryTransformerLM, record: dict[str, Any], source: str) -> None:
+    """Raise a ValueError naming every shape-defining setting where ``record`` and ``model`` disagree."""
+    if record.get("format") != LAYOUT_FORMAT:
+        raise ValueError(f"{source} has headprune layout format {record.get('format')!r}; this version reads "
+                         f"format {LAYOUT_FORMAT}")
+    saved, ours = _structural_entries(record["model_config"]), _structural_entries(model.config)
+    diffs = [f"{key}: {saved[key]!r} there, {ours.get(key)!r} here" for key in saved if saved[key] != ours.get(key)]
+    if diffs:
+        hint = (" (a different vocabulary: use the data settings the checkpoint was trained with)"
+                if saved["vocab_size"] != ours["vocab_size"] else "")
+        raise ValueError(f"{source} does not fit this model: " + "; ".join(diffs) + hint)
+
+
+def apply_layout(model: MemoryTransformerLM, record: dict[str, Any] | None, source: str) -> None:
+    """Make ``model`` take the checkpoint's shapes: check compatibility, remove heads down to its layout and
+    restore its gating switch. A checkpoint without a record (not written by headprune) is left to the strict
+    state-dict load."""
+    if record is None:
+        return
+    check_compatible(model, record, source)
+    layout, current = list(record["heads_per_layer"]), model.heads_per_layer
+    if any(k > n for k, n in zip(layout, current, strict=True)):
+        raise ValueError(
+            f"{source} has heads per layer {layout} but the model in memory has only {current}: removed heads "
+            "cannot grow back. Load it into a freshly built model (`headprune test --ckpt_path ...`, or "
+            "LanguageModel.load_from_checkpoint)"
+        )
+    model.shrink_to(layout)
+    model.gates_enabled = record["gates_enabled"]
+
+
+def load_dense_weights(model: MemoryTransformerLM, path: str | Path) -> int:
+    """Load the model weights of checkpoint ``path`` into ``model`` (shrunk to its layout first), leaving the
+    gates as they are; returns the number of tensors loaded."""
+    checkpoint = read_checkpoint(path)
+    record = checkpoint.get(CHECKPOINT_KEY)
+    if record is not None:
+        check_compatible(model, record, f"init_from checkpoint {path}")
+        model.shrink_to(record["heads_per_layer"])
+    state = {key.removeprefix("model."): value for key, value in checkpoint.get("state_dict", {}).items()
+             if key.startswith("model.") and not key.endswith(GATE_SUFFIX)}
+    ours = {key for key in model.state_dict() if not key.endswith(GATE_SUFFIX)}
+    missing, unexpected = sorted(ours - state.keys()), sorted(state.keys() - ours)
+    if missing or unexpected:
+        raise ValueError(f"init_from checkpoint {path} does not match the model: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}; is it a headprune LanguageModel checkpoint of this config?")
+    for key, value in model.state_dict().items():
+        if key in state and state[key].shape != value.shape:
+            raise ValueError(f"init_from checkpoint {path}: {key} has shape {tuple(state[key].shape)}, the model "
+                             f"{tuple(value.shape)}; build the model with the checkpoint's configuration")
+    model.load_state_dict(state, strict=False)
+    return len(state)
