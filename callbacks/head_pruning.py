@@ -1,0 +1,329 @@
+"""HeadPruning: the Lightning callback that trains the head gates and removes shut heads, layer by layer."""
+
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.loggers import WandbLogger
+from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy
+
+from callbacks.head_map import head_map_image, head_map_rows
+from callbacks.schedules import linear_ramp
+from lightning_modules.model import MemoryTransformerLM
+from lightning_modules.slicing import slice_optimizer_state_
+
+log = logging.getLogger(__name__)
+
+
+class HeadPruning(Callback):
+    """Prunes the attention heads of a :class:`MemoryTransformerLM` while it trains (PAPER 2, 3, 4.3).
+
+    At the start of fit the gates are switched on and a sparsity term is added to the loss. It takes one of two
+    forms, and exactly one must be chosen:
+
+    * ``l0_coefficient`` (the paper): ``lambda(t) * L0``, the expected number of open gates, with ``lambda``
+      ramped linearly from 0 over ``warmup_steps`` after ``start_step`` (sparsity-loss warm-up, PAPER 3.1).
+    * ``target_sparsity`` (beyond the paper, CoFi-style): ``l1 * (s - t) + l2 * (s - t)**2`` where ``s`` is the
+      expected fraction of shut heads, ``t`` the target ramped from 0 over ``warmup_steps``, and the Lagrange
+      multipliers ``l1, l2`` rise by gradient ascent (step ``lagrangian_lr``) so that ``s`` is driven to ``t``.
+      At the final removal the layout is rounded to exactly ``round(t * heads)`` heads removed, by gate strength.
+
+    Heads whose gates are decided shut (``log_alpha < 0``) are removed physically (weights, persistent memory,
+    gates and optimizer state sliced) every ``prune_every_n_steps`` steps and/or after every validation, from
+    step ``prune_after_step`` on, and always when training ends; the pruned model is then saved as
+    ``pruned.ckpt`` beside the other checkpoints. Under DDP the decision is made on rank 0 and broadcast, every
+    rank removes the same heads, and the DDP wrapper is rebuilt around the smaller model in place.
+
+    In validate/test/predict the gates are switched on too, and shut heads are removed before evaluating.
+
+    Args:
+        l0_coefficient: Final weight of the L0 term (paper: 0.01, 0.015 or 0.02).
+        target_sparsity: Fraction of all heads to remove, in (0, 1).
+        warmup_steps: Steps over which the L0 weight (or the target) ramps up from 0.
+        start_step: Step at which the ramp starts (the term is 0 before).
+        lagrangian_lr: Ascent step of the Lagrange multipliers (target mode).
+        temperature_start: If set, the gate temperature starts here and falls linearly to the model's
+            ``gate_beta`` over ``temperature_steps`` steps.
+        temperature_steps: Length of the temperature annealing.
+        prune_every_n_steps: Remove shut heads every this many optimizer steps (None: never mid-epoch).
+        prune_on_validation: Remove shut heads after each validation during fit.
+        prune_after_step: No removal before this step (the end-of-training removal always happens).
+    """
+
+    def __init__(
+        self,
+        l0_coefficient: float | None = None,
+        target_sparsity: float | None = None,
+        warmup_steps: int = 0,
+        start_step: int = 0,
+        lagrangian_lr: float = 0.05,
+        temperature_start: float | None = None,
+        temperature_steps: int = 0,
+        prune_every_n_steps: int | None = None,
+        prune_on_validation: bool = True,
+        prune_after_step: int = 0,
+    ) -> None:
+        super().__init__()
+        if (l0_coefficient is None) == (target_sparsity is None):
+            raise ValueError("HeadPruning needs exactly one of l0_coefficient (the paper's fixed L0 weight) and "
+                             f"target_sparsity (a fraction of heads to remove); got l0_coefficient={l0_coefficient},"
+                             f" target_sparsity={target_sparsity}")
+        if l0_coefficient is not None and l0_coefficient < 0:
+            raise ValueError(f"l0_coefficient must be >= 0; got {l0_coefficient}")
+        if target_sparsity is not None and not 0 < target_sparsity < 1:
+            raise ValueError(f"target_sparsity must be in (0, 1), a fraction of heads to remove; got {target_sparsity}")
+        for name, value in {"warmup_steps": warmup_steps, "start_step": start_step,
+                            "temperature_steps": temperature_steps, "prune_after_step": prune_after_step}.items():
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0; got {value}")
+        if prune_every_n_steps is not None and prune_every_n_steps < 1:
+            raise ValueError(f"prune_every_n_steps must be >= 1 or null; got {prune_every_n_steps}")
+        if lagrangian_lr <= 0 or (temperature_start is not None and temperature_start <= 0):
+            raise ValueError(f"lagrangian_lr and temperature_start must be > 0; got {lagrangian_lr}, "
+                             f"{temperature_start}")
+        self.l0_coefficient, self.target_sparsity = l0_coefficient, target_sparsity
+        self.warmup_steps, self.start_step, self.lagrangian_lr = warmup_steps, start_step, lagrangian_lr
+        self.temperature_start, self.temperature_steps = temperature_start, temperature_steps
+        self.prune_every_n_steps, self.prune_on_validation = prune_every_n_steps, prune_on_validation
+        self.prune_after_step = prune_after_step
+        self.lambda_1, self.lambda_2 = 0.0, 0.0
+        self._model: MemoryTransformerLM | None = None
+        self._gap: float | None = None  # expected sparsity - target at the last training step
+        self._last_schedule: dict[str, float] = {}  # the weight or target the last penalty used
+        self._last_step: int | None = None
+        self.rounded_decisions = 0
+
+    # ----------------------------------------------------------------------------------------- schedule
+
+    @property
+    def targeted(self) -> bool:
+        """Whether the run steers toward ``target_sparsity`` (else it uses the fixed ``l0_coefficient``)."""
+        return self.target_sparsity is not None
+
+    def current_target(self, step: int) -> float:
+        """Target sparsity at optimizer step ``step`` (target mode)."""
+        return self.target_sparsity * linear_ramp(step, self.start_step, self.warmup_steps)
+
+    def current_l0_weight(self, step: int) -> float:
+        """Weight of the L0 term at optimizer step ``step`` (coefficient mode, PAPER 3.1)."""
+        return self.l0_coefficient * linear_ramp(step, self.start_step, self.warmup_steps)
+
+    def current_temperature(self, step: int, final: float) -> float:
+        """Gate temperature at ``step``: linear from ``temperature_start`` to ``final``, then ``final``."""
+        if self.temperature_start is None or self.temperature_steps == 0:
+            return final
+        progress = min(step / self.temperature_steps, 1.0)
+        return self.temperature_start + (final - self.temperature_start) * progress
+
+    def expected_sparsity(self, model: MemoryTransformerLM) -> torch.Tensor:
+        """Expected fraction of all heads (removed ones included) shut in a training forward, differentiable."""
+        return 1 - model.expected_open_heads() / model.total_heads
+
+    def penalty(self, model: MemoryTransformerLM, step: int) -> torch.Tensor:
+        """The sparsity term added to the loss at ``step``."""
+        if not self.targeted:
+            weight = self.current_l0_weight(step)
+            self._last_schedule = {"prune/l0_weight": weight}
+            return weight * model.l0_penalty()
+        target = self.current_target(step)
+        gap = self.expected_sparsity(model) - target
+        self._gap = float(gap.detach())
+        self._last_schedule = {"prune/target": target}
+        return self.lambda_1 * gap + self.lambda_2 * gap**2
+
+    def _ascend(self, gap: float) -> None:
+        """One dual-ascent step of the Lagrange multipliers on the current gap (expected sparsity - target).
+
+        Anti-windup: ``lambda_1`` restarts from 0 when the gap changes sign. The gates move at an almost constant
+        rate under Adam whatever the multiplier's size, so a multiplier accumulated on one side of the target would
+        keep pushing long after it is crossed and carry every gate past it together.
+        """
+        if gap * self.lambda_1 < 0:  # the gap changed sign: the target was just crossed
+            self.lambda_1 = 0.0
+        self.lambda_1 += self.lagrangian_lr * gap
+        self.lambda_2 += self.lagrangian_lr * gap**2
+
+    # ----------------------------------------------------------------------------------------- hooks
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        model = getattr(pl_module, "model", None)
+        if not isinstance(model, MemoryTransformerLM):
+            raise TypeError(f"HeadPruning works on a LanguageModel wrapping a MemoryTransformerLM; got "
+                            f"{type(pl_module).__name__} with model {type(model).__name__}")
+        if stage == "fit" and not isinstance(trainer.strategy, DDPStrategy | SingleDeviceStrategy):
+            raise ValueError(f"HeadPruning removes heads under single-device and DDP training only; the "
+                             f"{type(trainer.strategy).__name__} strategy is not supported")
+        self._model = model
+        model.gates_enabled = True
+        if stage == "fit":
+            pl_module.regularizer = lambda: self.penalty(model, trainer.global_step)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            pl_module.regularizer = None
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        model = self._model
+        model.set_gate_temperature(self.current_temperature(trainer.global_step, model.config["gate_beta"]))
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        model, step = self._model, trainer.global_step
+        if self.targeted and self._gap is not None:
+            self._ascend(self._gap)
+        self._log_step(pl_module, model)
+        stepped = step != self._last_step  # an optimizer step ended with this batch
+        self._last_step = step
+        if (stepped and self.prune_every_n_steps and step >= self.prune_after_step
+                and step % self.prune_every_n_steps == 0):
+            self.remove_shut_heads(trainer, pl_module)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.training:
+            return
+        self._write_head_map(trainer, self._model)
+        if self.prune_on_validation and trainer.global_step >= self.prune_after_step:
+            self.remove_shut_heads(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.targeted:
+            self._round_to_target(trainer, self._model)
+        self.remove_shut_heads(trainer, pl_module, final=True)
+        path = self.pruned_checkpoint_path(trainer)
+        trainer.save_checkpoint(path)
+        model = self._model
+        log.info("pruned model: heads per layer %s (%d of %d), %d non-embedding parameters, saved to %s",
+                 model.heads_per_layer, sum(model.heads_per_layer), model.total_heads,
+                 model.num_parameters(include_embeddings=False), path)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.training:  # `validate` on its own: evaluate the pruned network, physically pruned
+            self.remove_shut_heads(trainer, pl_module)
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.remove_shut_heads(trainer, pl_module)
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.remove_shut_heads(trainer, pl_module)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"lambda_1": self.lambda_1, "lambda_2": self.lambda_2}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.lambda_1, self.lambda_2 = state_dict["lambda_1"], state_dict["lambda_2"]
+
+    # ----------------------------------------------------------------------------------------- removal
+
+    def remove_shut_heads(self, trainer: pl.Trainer, pl_module: pl.LightningModule, final: bool = False) -> dict:
+        """Remove the heads rank 0's gates decide shut, on every rank; returns ``{layer: [removed heads]}``."""
+        model = self._model
+        shut = {i: (~keep).nonzero().flatten().tolist() for i, keep in enumerate(model.head_keep_mask())}
+        shut = {i: heads for i, heads in shut.items() if heads}
+        if self.targeted and not final:
+            shut = self._within_budget(model, shut)
+        shut = trainer.strategy.broadcast(shut, src=0)
+        if not shut:
+            return shut
+        left = sum(model.heads_per_layer) - sum(len(h) for h in shut.values())
+        if left == 0:
+            raise RuntimeError(
+                f"at step {trainer.global_step} the gates shut every remaining head of the model, which would leave "
+                "no attention at all; nothing was removed or saved. Lower l0_coefficient (or target_sparsity), "
+                "lengthen warmup_steps, or start removing later (prune_after_step)"
+            )
+        before = model.heads_per_layer
+        slices = model.prune_heads(shut)
+        for optimizer in trainer.optimizers:
+            slice_optimizer_state_(optimizer, slices)
+        self._rewrap(trainer, pl_module)
+        log.info("step %d: removed heads %s; heads per layer %s -> %s", trainer.global_step, shut, before,
+                 model.heads_per_layer)
+        return shut
+
+    def _within_budget(self, model: MemoryTransformerLM, shut: dict[int, list[int]]) -> dict[int, list[int]]:
+        """In target mode a mid-run removal never takes more heads than the final target allows: the most
+        clearly shut heads (lowest log_alpha) go first."""
+        budget = round(self.target_sparsity * model.total_heads) - (model.total_heads - sum(model.heads_per_layer))
+        ranked = sorted((float(model.layers[i].gate.log_alpha[h]), i, h) for i, heads in shut.items() for h in heads)
+        allowed: dict[int, list[int]] = {}
+        for _, i, h in ranked[: max(budget, 0)]:
+            allowed.setdefault(i, []).append(h)
+        return {i: sorted(heads) for i, heads in allowed.items()}
+
+    @torch.no_grad()
+    def _round_to_target(self, trainer: pl.Trainer, model: MemoryTransformerLM) -> None:
+        """Set the gates so that exactly round(target * heads) heads end up removed: the weakest gates (lowest
+        log_alpha) shut, the others open. Logs how many decisions this changed."""
+        present = sum(model.heads_per_layer)
+        to_remove = round(self.target_sparsity * model.total_heads) - (model.total_heads - present)
+        to_remove = min(max(to_remove, 0), present - 1)  # never every head
+        ranked = sorted((float(layer.gate.log_alpha[h]), i, h) for i, layer in enumerate(model.layers)
+                        for h in range(layer.n_heads))
+        changed = 0
+        for rank, (value, i, h) in enumerate(ranked):
+            shut = rank < to_remove
+            if shut != (value < 0):
+                model.layers[i].gate.log_alpha[h] = -1.0 if shut else 0.0
+                changed += 1
+        log.info("target sparsity %.3f: rounding to %d removed heads changed %d gate decisions",
+                 self.target_sparsity, model.total_heads - present + to_remove, changed)
+        self.rounded_decisions = changed
+
+    @staticmethod
+    def _rewrap(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Rebuild the DDP wrapper around the smaller module (its buckets were sized for the old shapes)."""
+        strategy = trainer.strategy
+        if isinstance(strategy, DDPStrategy) and trainer.training:
+            strategy.model = pl_module
+            strategy.configure_ddp()
+
+    @staticmethod
+    def pruned_checkpoint_path(trainer: pl.Trainer) -> Path:
+        """Where the final pruned model is saved: beside the ModelCheckpoint files, else in the log folder."""
+        callback = trainer.checkpoint_callback
+        folder = Path(callback.dirpath) if callback is not None and callback.dirpath else Path(
+            trainer.log_dir or trainer.default_root_dir) / "checkpoints"
+        return folder / "pruned.ckpt"
+
+    # ----------------------------------------------------------------------------------------- reporting
+
+    def _log_step(self, pl_module: pl.LightningModule, model: MemoryTransformerLM) -> None:
+        keep = model.head_keep_mask()
+        kept = sum(int(k.sum()) for k in keep)
+        metrics = {
+            "prune/expected_sparsity": float(self.expected_sparsity(model)),
+            "prune/sparsity": 1 - kept / model.total_heads,
+            "prune/removed": 1 - sum(model.heads_per_layer) / model.total_heads,
+            "prune/params": float(model.num_parameters(include_embeddings=False)),
+            "prune/temperature": model.layers[0].gate.beta,
+        }
+        if self.targeted:
+            metrics |= {"prune/lambda_1": self.lambda_1, "prune/lambda_2": self.lambda_2}
+        metrics |= self._last_schedule
+        metrics |= {f"prune/heads/layer_{i}": float(n) for i, n in enumerate(model.heads_per_layer)}
+        pl_module.log_dict(metrics)
+
+    def _write_head_map(self, trainer: pl.Trainer, model: MemoryTransformerLM) -> None:
+        """Append this validation's per-head state to ``head_map.csv`` and send the heat map to wandb."""
+        if not trainer.is_global_zero:
+            return
+        rows = head_map_rows(model, trainer.global_step)
+        path = Path(trainer.log_dir or trainer.default_root_dir) / "head_map.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        new = not path.exists()
+        with path.open("a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            if new:
+                writer.writeheader()
+            writer.writerows(rows)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_image(key="prune/head_map", images=[head_map_image(model)], step=trainer.global_step,
+                                 caption=[f"step {trainer.global_step}: rows are layers, columns heads"])
