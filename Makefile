@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.headprune-installed
 
-.PHONY: install test test-all lint bench-data clean
+.PHONY: install test test-all lint bench-data bench-prune clean
 
 install: $(STAMP)
 
@@ -32,6 +32,9 @@ lint: install
 
 bench-data: install
 	$(BIN)/python experiments/benchmarks/data_prep.py
+
+bench-prune: install
+	$(BIN)/python experiments/benchmarks/pruning_speedup.py --layers 2 --batch 4 --threads 2
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -12,6 +12,7 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy
+from pytorch_lightning.trainer.states import TrainerFn
 
 from callbacks.head_map import head_map_image, head_map_rows
 from callbacks.schedules import linear_ramp
@@ -186,7 +187,7 @@ class HeadPruning(Callback):
             self.remove_shut_heads(trainer, pl_module)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or not trainer.training:
+        if trainer.sanity_checking or not _fitting(trainer):
             return
         self._write_head_map(trainer, self._model)
         if self.prune_on_validation and trainer.global_step >= self.prune_after_step:
@@ -204,7 +205,7 @@ class HeadPruning(Callback):
                  model.num_parameters(include_embeddings=False), path)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.training:  # `validate` on its own: evaluate the pruned network, physically pruned
+        if not _fitting(trainer):  # `validate` on its own: evaluate the pruned network, physically pruned
             self.remove_shut_heads(trainer, pl_module)
 
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -280,7 +281,7 @@ class HeadPruning(Callback):
     def _rewrap(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Rebuild the DDP wrapper around the smaller module (its buckets were sized for the old shapes)."""
         strategy = trainer.strategy
-        if isinstance(strategy, DDPStrategy) and trainer.training:
+        if isinstance(strategy, DDPStrategy) and _fitting(trainer):
             strategy.model = pl_module
             strategy.configure_ddp()
 
@@ -298,7 +299,7 @@ class HeadPruning(Callback):
         keep = model.head_keep_mask()
         kept = sum(int(k.sum()) for k in keep)
         metrics = {
-            "prune/expected_sparsity": float(self.expected_sparsity(model)),
+            "prune/expected_sparsity": float(self.expected_sparsity(model).detach()),
             "prune/sparsity": 1 - kept / model.total_heads,
             "prune/removed": 1 - sum(model.heads_per_layer) / model.total_heads,
             "prune/params": float(model.num_parameters(include_embeddings=False)),
@@ -312,10 +313,11 @@ class HeadPruning(Callback):
 
     def _write_head_map(self, trainer: pl.Trainer, model: MemoryTransformerLM) -> None:
         """Append this validation's per-head state to ``head_map.csv`` and send the heat map to wandb."""
+        folder = trainer.log_dir or trainer.default_root_dir  # log_dir broadcasts: every rank must ask
         if not trainer.is_global_zero:
             return
         rows = head_map_rows(model, trainer.global_step)
-        path = Path(trainer.log_dir or trainer.default_root_dir) / "head_map.csv"
+        path = Path(folder) / "head_map.csv"
         path.parent.mkdir(parents=True, exist_ok=True)
         new = not path.exists()
         with path.open("a", newline="") as f:
@@ -327,3 +329,8 @@ class HeadPruning(Callback):
             if isinstance(logger, WandbLogger):
                 logger.log_image(key="prune/head_map", images=[head_map_image(model)], step=trainer.global_step,
                                  caption=[f"step {trainer.global_step}: rows are layers, columns heads"])
+
+
+def _fitting(trainer: pl.Trainer) -> bool:
+    """Whether the trainer runs ``fit`` (its validation loops included), as opposed to validate/test/predict."""
+    return trainer.state.fn == TrainerFn.FITTING

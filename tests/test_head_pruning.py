@@ -72,6 +72,11 @@ def test_target_mode_removes_heads_mid_run_and_ends_at_the_target(wikitext2_dir,
     assert abs(decided[-1] - 0.5) <= 0.125 + 1e-9, f"the controller brings the gates within a head: {decided}"
     assert callback.rounded_decisions <= 1, "the final rounding changes at most one head's decision"
     assert all(torch.isfinite(torch.tensor(logged(tmp_path, "train/loss"))))
+    (head_map,) = tmp_path.glob("lightning_logs/version_*/head_map.csv")
+    with head_map.open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3 * 8, "one row per original head at each of the 3 validations"
+    assert {row["state"] for row in rows} <= {"open", "shut", "removed"}
 
     pruned = Path(cli.trainer.checkpoint_callback.dirpath) / "pruned.ckpt"
     reloaded = LanguageModel.load_from_checkpoint(pruned)
@@ -122,7 +127,8 @@ def test_two_process_ddp_removes_the_same_heads_on_every_rank_mid_run(wikitext2_
     if not script.exists():
         pytest.skip("the headprune console script is not installed in this environment")
     record = tmp_path / "record"
-    args = [*prune_args(wikitext2_dir, wt2_cache_dir, tmp_path), "--trainer.strategy=ddp", "--trainer.devices=2",
+    args = [*prune_args(wikitext2_dir, wt2_cache_dir, tmp_path, prune_on_validation=True),
+            "--trainer.strategy=ddp", "--trainer.devices=2",
             "--trainer.max_steps=50", "--trainer.callbacks+=tests.helpers.LayoutRecorder",
             f"--trainer.callbacks.folder={record}"]
     env = os.environ | {"PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}

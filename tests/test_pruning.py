@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from callbacks.head_map import REMOVED_RGB, SHUT_RGB, head_map_image, head_map_rows
 from lightning_modules.slicing import slice_optimizer_state_
 from tests.test_model import LAYER_TYPES, V, randomize_, small_model
 
@@ -173,3 +174,15 @@ def test_l0_penalty_and_expected_open_heads_sum_over_layers():
     model.prune_heads({0: [0, 1, 2, 3]})
     torch.testing.assert_close(model.l0_penalty(), model.layers[1].gate.l0())
     assert model.total_heads == 8
+
+
+def test_head_map_rows_and_image_show_open_shut_and_removed_heads():
+    model = gated_model("all_attention", False, {0: [1], 1: [0, 2]})
+    model.prune_heads({1: [0]})  # original head 0 of layer 1 removed; head 2 (now at position 1) still shut
+    states = {(r["layer"], r["head"]): r["state"] for r in head_map_rows(model, step=7)}
+    assert len(states) == 8
+    assert states[(0, 1)] == "shut" and states[(1, 0)] == "removed" and states[(1, 2)] == "shut"
+    assert states[(0, 0)] == "open"
+    image = head_map_image(model, cell=4)
+    assert image.shape == (2 * 4, 4 * 4, 3) and image.dtype.name == "uint8"
+    assert tuple(image[4, 0]) == REMOVED_RGB and tuple(image[0, 4]) == SHUT_RGB

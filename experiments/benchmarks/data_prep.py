@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
-import os
-import platform
 import shutil
 import tempfile
 import time
@@ -26,24 +23,13 @@ from array import array
 from pathlib import Path
 
 import numpy as np
+from common import emit as emit_figure
 
 from datamodules.corpus import SPLITS, CorpusCache, WikiTextSource, build_vocabulary_and_encode, encode_lines
 from datamodules.vocab import EOS, Vocabulary
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_WIKITEXT2 = REPO.parent / "shared" / "data" / "wikitext-2"
-
-
-def hardware() -> str:
-    """CPU model and the cores this process may use."""
-    model = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return f"{model}, {len(os.sched_getaffinity(0))} cores"
 
 
 def build_corpus(source_dir: Path, target: Path, repeat: int) -> None:
@@ -95,8 +81,7 @@ def main() -> None:
     train_file = text_dir / "wiki.train.tokens"
 
     def emit(metric: str, value: float, unit: str) -> None:
-        print(json.dumps({"workload": f"wikitext-2 train x{args.repeat}", "metric": metric,
-                          "value": round(value, 3), "unit": unit, "hardware": hardware()}), flush=True)
+        emit_figure(f"wikitext-2 train x{args.repeat}", metric, round(value, 3), unit)
 
     results = {}
     for streaming in (False, True):

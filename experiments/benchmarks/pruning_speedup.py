@@ -1,0 +1,124 @@
+"""Speed of physically pruned layer stacks against the dense one, All-attention and Transformer-XL side by side.
+
+For the paper's layer shapes (d 512, 8 heads of 64, N 2048 persistent vectors or d_inner 2048, segment 192 with a
+memory of 192), removes 0/25/50/75% of the heads of every layer with ``prune_heads`` and times, in the same run:
+  - eval latency: one no-grad forward of the layer stack over a segment with full memory;
+  - training step: forward + backward + AdamW step of the same stack.
+Each figure is the median over ``--repeats`` timed runs after ``--warmup`` untimed ones. Printed next to each
+speed-up is the ideal one, the ratio of the layers' multiply-accumulates (the model's own FLOP accounting) and of
+their parameters. Only the layer stack is timed: embeddings and the adaptive softmax do not change with pruning.
+One JSON line per figure. Not a test: figures vary by machine.
+
+    python experiments/benchmarks/pruning_speedup.py [--layers 2] [--batch 4] [--threads N] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from common import emit
+
+from lightning_modules.model import MemoryTransformerLM
+
+PAPER_SHAPES = dict(d_model=512, n_heads=8, d_head=64, n_persistent=2048, d_inner=2048, tgt_len=192, mem_len=192,
+                    cutoffs=[], div_value=1.0, dropout=0.0, dropemb=0.0, dropatt=0.0, max_len=512)
+REMOVED_FRACTIONS = (0.0, 0.25, 0.5, 0.75)
+
+
+def build(layer_type: str, n_layers: int, removed: float, device: torch.device) -> MemoryTransformerLM:
+    """The paper's layers with ``removed`` of each layer's heads physically pruned (vocabulary kept tiny)."""
+    torch.manual_seed(0)
+    model = MemoryTransformerLM(vocab_size=64, layer_type=layer_type, n_layers=n_layers, **PAPER_SHAPES)
+    drop = round(removed * PAPER_SHAPES["n_heads"])
+    if drop:
+        model.prune_heads({i: list(range(drop)) for i in range(n_layers)})
+    return model.to(device)
+
+
+def run_stack(model: MemoryTransformerLM, h: torch.Tensor, memory: list[torch.Tensor]) -> torch.Tensor:
+    """The layer stack alone, each layer over its memory, as MemoryTransformerLM.forward runs it."""
+    pos_emb = model.pos_table[-(memory[0].size(1) + h.size(1)):]
+    for layer, mem in zip(model.layers, memory, strict=False):
+        h = layer(h, mem, pos_emb)
+    return h
+
+
+def median_seconds(fn, warmup: int, repeats: int, device: torch.device) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` runs after ``warmup`` untimed runs."""
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure(layer_type: str, removed: float, args: argparse.Namespace, device: torch.device) -> dict[str, float]:
+    """Eval and training-step seconds, layer MACs per token and layer parameters of one pruned stack."""
+    model = build(layer_type, args.layers, removed, device)
+    d, T, M = PAPER_SHAPES["d_model"], PAPER_SHAPES["tgt_len"], PAPER_SHAPES["mem_len"]
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    h = torch.randn(args.batch, T, d, generator=gen).to(device)
+    memory = [torch.randn(args.batch, M, d, generator=gen).to(device) for _ in range(args.layers)]
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def eval_step() -> None:
+        with torch.no_grad():
+            run_stack(model.eval(), h, memory)
+
+    def train_step() -> None:
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        run_stack(model, h, memory).square().mean().backward()
+        optimizer.step()
+
+    return {
+        "eval_s": median_seconds(eval_step, args.warmup, args.repeats, device),
+        "train_s": median_seconds(train_step, args.warmup, args.repeats, device),
+        "macs": model.flops_per_token()["layers"],
+        "params": model.num_parameters(include_embeddings=False),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=2, help="layers in the timed stack (paper: 16)")
+    parser.add_argument("--batch", type=int, default=4, help="rows per segment")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    workload = (f"paper layer shapes x{args.layers} layers, batch {args.batch}, segment 192 + memory 192, fp32, "
+                f"{device.type}, {torch.get_num_threads()} threads")
+    for layer_type in ("all_attention", "transformer_xl"):
+        dense = measure(layer_type, 0.0, args, device)
+        for removed in REMOVED_FRACTIONS[1:]:
+            pruned = measure(layer_type, removed, args, device)
+            common = {"layer_type": layer_type, "heads_removed": removed}
+            emit(workload, "eval_speedup", round(dense["eval_s"] / pruned["eval_s"], 3), "x", **common,
+                 ideal=round(dense["macs"] / pruned["macs"], 3),
+                 dense_ms=round(1e3 * dense["eval_s"], 2), pruned_ms=round(1e3 * pruned["eval_s"], 2))
+            emit(workload, "train_step_speedup", round(dense["train_s"] / pruned["train_s"], 3), "x", **common,
+                 ideal=round(dense["macs"] / pruned["macs"], 3),
+                 dense_ms=round(1e3 * dense["train_s"], 2), pruned_ms=round(1e3 * pruned["train_s"], 2))
+            emit(workload, "parameter_ratio", round(dense["params"] / pruned["params"], 3), "x", **common,
+                 dense=dense["params"], pruned=pruned["params"])
+
+
+if __name__ == "__main__":
+    main()
