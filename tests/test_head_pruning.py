@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import wandb
 import yaml
 
 from lightning_modules.cli import run
@@ -142,3 +143,14 @@ def test_two_process_ddp_removes_the_same_heads_on_every_rank_mid_run(wikitext2_
     assert mid_run, f"heads must be removed while training goes on: {ranks[0]['changes']}"
     assert ranks[0]["finite"] and ranks[1]["finite"]
     assert len(ranks[0]["losses"]) == 50
+
+
+def test_validation_sends_the_head_map_image_to_an_offline_wandb_run(wikitext2_dir, wt2_cache_dir, tmp_path,
+                                                                     monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    args = [a for a in prune_args(wikitext2_dir, wt2_cache_dir, tmp_path) if "logger" not in a]
+    run(["fit", *args, "--trainer.max_steps=20", "--trainer.logger=pytorch_lightning.loggers.WandbLogger",
+         f"--trainer.logger.save_dir={tmp_path}", "--trainer.logger.offline=true", "--trainer.logger.project=test"])
+    images = list(tmp_path.glob("wandb/offline-run-*/files/media/images/prune/head_map_*.png"))
+    assert len(images) == 1, "one head map per validation (one validation at step 20)"
+    wandb.finish()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import pytorch_lightning as pl
@@ -175,3 +176,40 @@ def test_real_trainer_resets_memory_per_epoch_and_evaluation_and_after_the_sanit
     # the sanity check, each training epoch and each validation start from an empty memory, nothing else does
     assert fresh == [("val", 0), ("train", 0), ("val", 0), ("train", 1), ("val", 1)]
     assert len(module.seen) == 2 + 2 * (3 + 3)
+
+
+def test_gates_train_at_gate_lr_factor_times_the_learning_rate_without_weight_decay():
+    module = LanguageModel(tiny_model(), optimizer=partial(torch.optim.AdamW, lr=2e-3, weight_decay=0.1),
+                           gate_lr_factor=10.0)
+    module.trainer = pl.Trainer(max_steps=5, logger=False, enable_checkpointing=False)
+    optimizer = module.configure_optimizers()["optimizer"]
+    weights, gates = optimizer.param_groups
+    assert gates["lr"] == pytest.approx(0.02) and gates["weight_decay"] == 0.0
+    assert weights["lr"] == pytest.approx(2e-3) and weights["weight_decay"] == 0.1
+    assert {id(p) for p in gates["params"]} == {id(layer.gate.log_alpha) for layer in module.model.layers}
+
+
+def test_init_from_loads_a_baseline_and_starts_the_gates_fresh(tmp_path):
+    baseline = LanguageModel(tiny_model())
+    with torch.no_grad():
+        for layer in baseline.model.layers:
+            layer.gate.log_alpha.fill_(-3.0)  # must not be carried over
+    path = tmp_path / "baseline.ckpt"
+    checkpoint = {"state_dict": baseline.state_dict()}
+    baseline.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, path)
+
+    pruning = LanguageModel(tiny_model(gate_init=1.5), init_from=str(path))
+    pruning.setup("fit")
+    for (name, ours), theirs in zip(pruning.model.state_dict().items(), baseline.model.state_dict().values(),
+                                    strict=True):
+        if name.endswith("gate.log_alpha"):
+            assert torch.equal(ours, torch.full_like(ours, 1.5)), name
+        else:
+            assert torch.equal(ours, theirs), name
+
+    wrong_vocab = LanguageModel(tiny_model(vocab_size=VOCAB + 1), init_from=str(path))
+    with pytest.raises(ValueError, match=r"vocab_size: 50 there, 51 here.*different vocabulary"):
+        wrong_vocab.setup("fit")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        LanguageModel(tiny_model(), init_from=str(tmp_path / "missing.ckpt")).setup("fit")
