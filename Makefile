@@ -6,10 +6,14 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX_URL ?=
 PYTEST_ARGS ?=
+# the local WikiText-2 copy when there is one; empty = the datamodule downloads it from the hub
+WIKITEXT_DIR ?= $(if $(wildcard ../shared/data/wikitext-2),../shared/data/wikitext-2,)
+DEMO_ARGS ?=
+RUNS ?= runs/demo
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.headprune-installed
 
-.PHONY: install test test-all lint bench-data bench-prune clean
+.PHONY: install test test-all lint demo report bench-data bench-prune clean
 
 install: $(STAMP)
 
@@ -29,6 +33,14 @@ test-all: install
 
 lint: install
 	$(BIN)/ruff check .
+
+# train a small All-attention LM on WikiText-2, prune half its heads, test both, write the report (about 10 min on 2 cores)
+demo: install
+	WIKITEXT_DIR=$(WIKITEXT_DIR) $(BIN)/python -m experiments.demo $(DEMO_ARGS)
+
+# regenerate the table and plots of every finished run under $(RUNS)
+report: install
+	$(BIN)/python -m experiments.report $(RUNS)
 
 bench-data: install
 	$(BIN)/python experiments/benchmarks/data_prep.py

@@ -197,6 +197,7 @@ class HeadPruning(Callback):
         if self.targeted:
             self._round_to_target(trainer, self._model)
         self.remove_shut_heads(trainer, pl_module, final=True)
+        self._write_head_map(trainer, self._model)
         path = self.pruned_checkpoint_path(trainer)
         trainer.save_checkpoint(path)
         model = self._model

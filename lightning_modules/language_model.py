@@ -92,6 +92,7 @@ class LanguageModel(pl.LightningModule):
         for metric in (*self.nll_sum.values(), *self.token_count.values()):
             metric.set_dtype(torch.float64)
         self._last_batch_end: float | None = None
+        self._test_started = time.perf_counter()
         self.max_new_tokens, self.temperature, self.top_k = max_new_tokens, temperature, top_k
         if gate_lr_factor <= 0:
             raise ValueError(f"gate_lr_factor must be > 0; got {gate_lr_factor}")
@@ -169,12 +170,27 @@ class LanguageModel(pl.LightningModule):
 
     def on_test_epoch_start(self) -> None:
         self._memory["test"] = None
+        self._test_started = time.perf_counter()
 
     def on_validation_epoch_end(self) -> None:
         self._log_perplexity("val")
 
     def on_test_epoch_end(self) -> None:
+        tokens = float(self.token_count["test"].compute())  # waits for the device, so the time below is real
+        elapsed = time.perf_counter() - self._test_started
         self._log_perplexity("test")
+        self.log("test/tokens_per_s", tokens / max(elapsed, 1e-9), sync_dist=False)
+        self._log_model_profile("test")
+
+    def _log_model_profile(self, stage: Stage) -> None:
+        """Size and cost of the model as evaluated, so a run's metrics describe the model they measured."""
+        model = self.model
+        profile = {"params_total": model.num_parameters(include_embeddings=True),
+                   "params_non_embedding": model.num_parameters(include_embeddings=False),
+                   "flops_per_token": model.flops_per_token()["total"], "heads": sum(model.heads_per_layer)}
+        profile |= {f"heads/layer_{i}": n for i, n in enumerate(model.heads_per_layer)}
+        for name, value in profile.items():
+            self.log(f"{stage}/{name}", float(value), sync_dist=False)
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.init_from:

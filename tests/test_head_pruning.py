@@ -76,7 +76,8 @@ def test_target_mode_removes_heads_mid_run_and_ends_at_the_target(wikitext2_dir,
     (head_map,) = tmp_path.glob("lightning_logs/version_*/head_map.csv")
     with head_map.open() as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 3 * 8, "one row per original head at each of the 3 validations"
+    assert len(rows) == 4 * 8, "one row per original head at each of the 3 validations and at the end of fit"
+    assert sum(row["state"] == "removed" for row in rows[-8:]) == 4
     assert {row["state"] for row in rows} <= {"open", "shut", "removed"}
 
     pruned = Path(cli.trainer.checkpoint_callback.dirpath) / "pruned.ckpt"
@@ -152,5 +153,5 @@ def test_validation_sends_the_head_map_image_to_an_offline_wandb_run(wikitext2_d
     run(["fit", *args, "--trainer.max_steps=20", "--trainer.logger=pytorch_lightning.loggers.WandbLogger",
          f"--trainer.logger.save_dir={tmp_path}", "--trainer.logger.offline=true", "--trainer.logger.project=test"])
     images = list(tmp_path.glob("wandb/offline-run-*/files/media/images/prune/head_map_*.png"))
-    assert len(images) == 1, "one head map per validation (one validation at step 20)"
+    assert len(images) == 2, "one head map per validation (step 20) and one at the end of fit"
     wandb.finish()

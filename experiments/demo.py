@@ -1,0 +1,133 @@
+"""`make demo`: train a small All-attention LM on WikiText-2, prune it to a target sparsity, test both, report.
+
+Both models see the same number of training steps: the dense run trains ``dense_steps`` and saves a checkpoint at
+``prune_from_step``; the pruning run starts there and trains ``dense_steps - prune_from_step`` steps with the
+HeadPruning callback (target-sparsity mode), removing heads as their gates shut. Then ``headprune test`` runs on
+the dense run's last checkpoint and on ``pruned.ckpt``, and the report (table, CSV, plots) is generated from those
+runs' logs. Everything also goes to wandb, offline unless you are logged in (``WANDB_MODE`` is respected).
+
+    python -m experiments.demo [--out runs/demo] [--data-dir DIR] [--target 0.5] [--dense-steps 500]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from datetime import datetime
+from pathlib import Path
+
+import wandb
+import yaml
+
+from experiments import report
+from lightning_modules.cli import run
+
+REPO = Path(__file__).resolve().parents[1]
+DENSE_RECIPE = REPO / "experiments" / "wt2" / "all_attention_small.yaml"
+PRUNE_RECIPE = REPO / "experiments" / "wt2" / "all_attention_small_prune.yaml"
+LOCAL_WIKITEXT2 = REPO.parent / "shared" / "data" / "wikitext-2"
+
+
+def wandb_offline() -> bool:
+    """Offline unless WANDB_MODE says online or an API key is configured (env or ~/.netrc)."""
+    mode = os.environ.get("WANDB_MODE", "").lower()
+    if mode:
+        return mode != "online"
+    netrc = Path.home() / ".netrc"
+    logged_in = bool(os.environ.get("WANDB_API_KEY")) or (netrc.exists() and "api.wandb.ai" in netrc.read_text())
+    return not logged_in
+
+
+def loggers(folder: Path, name: str, group: str, tags: list[str], wandb: bool) -> list[dict]:
+    """A CSV log in ``folder`` and, with ``wandb``, a wandb run named ``name`` in ``group``."""
+    result = [{"class_path": "pytorch_lightning.loggers.CSVLogger",
+               "init_args": {"save_dir": str(folder), "name": "logs", "version": 0}}]
+    if wandb:
+        result.append({"class_path": "pytorch_lightning.loggers.WandbLogger",
+                       "init_args": {"project": "headprune-demo", "name": name, "group": group, "tags": tags,
+                                     "save_dir": str(folder), "offline": wandb_offline()}})
+    return result
+
+
+def write_overlay(folder: Path, config: dict) -> Path:
+    """A YAML config layered over a recipe."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "overlay.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run_pipeline(out: Path, data_dir: str | None, target: float, dense_steps: int, prune_from_step: int,
+                 extra_args: list[str], wandb: bool = True, limit_val_batches: int = 20) -> list[report.RunResult]:
+    """Dense fit, pruning fit, both tests, report. ``extra_args`` (CLI overrides) shrink the model in tests."""
+    if not 0 < prune_from_step < dense_steps:
+        raise ValueError(f"need 0 < prune_from_step < dense_steps; got {prune_from_step}, {dense_steps}")
+    group = out.name
+    data = [f"--data.data_dir={data_dir}"] if data_dir else ["--data.data_dir=null"]
+    common = [*data, f"--trainer.limit_val_batches={limit_val_batches}", *extra_args]
+    dense_dir, pruned_dir = out / "dense", out / "pruned"
+    prune_steps = dense_steps - prune_from_step
+    warmup = max(1, int(0.4 * prune_steps))
+
+    dense_overlay = write_overlay(dense_dir, {"trainer": {
+        "max_steps": dense_steps, "val_check_interval": prune_from_step,
+        "logger": loggers(dense_dir, "dense", group, ["all_attention", "dense"], wandb),
+        "callbacks": [{"class_path": "pytorch_lightning.callbacks.ModelCheckpoint",
+                       "init_args": {"dirpath": str(dense_dir / "checkpoints"), "save_last": True, "save_top_k": -1,
+                                     "every_n_train_steps": prune_from_step, "filename": "step{step}",
+                                     "auto_insert_metric_name": False, "monitor": None}}]}})
+    report.write_run_file(dense_dir, name="dense", layer_type="all_attention", role="dense", steps=dense_steps)
+    run(["fit", f"--config={DENSE_RECIPE}", f"--config={dense_overlay}", *common])
+    wandb.finish()  # one wandb run per stage
+
+    pruned_overlay = write_overlay(pruned_dir, {"trainer": {
+        "max_steps": prune_steps, "val_check_interval": max(1, prune_steps // 3),
+        "logger": loggers(pruned_dir, f"pruned-{target:.0%}", group, ["all_attention", "pruned"], wandb),
+        "callbacks": [
+            {"class_path": "pytorch_lightning.callbacks.ModelCheckpoint",
+             "init_args": {"dirpath": str(pruned_dir / "checkpoints"), "save_last": True, "filename": "step{step}",
+                           "auto_insert_metric_name": False, "monitor": None}},
+            {"class_path": "callbacks.head_pruning.HeadPruning",
+             "init_args": {"target_sparsity": target, "warmup_steps": warmup, "prune_every_n_steps": 10,
+                           "prune_on_validation": False, "prune_after_step": warmup, "lagrangian_lr": 0.05}}]}})
+    report.write_run_file(pruned_dir, name=f"pruned-{target:.0%}", layer_type="all_attention", role="pruned",
+                          target_sparsity=target, steps=dense_steps)
+    start = dense_dir / "checkpoints" / f"step{prune_from_step}.ckpt"
+    run(["fit", f"--config={PRUNE_RECIPE}", f"--config={pruned_overlay}", f"--model.init_from={start}", *common])
+    wandb.finish()
+
+    for folder, recipe, checkpoint in ((dense_dir, DENSE_RECIPE, dense_dir / "checkpoints" / "last.ckpt"),
+                                       (pruned_dir, DENSE_RECIPE, pruned_dir / "checkpoints" / "pruned.ckpt")):
+        test_overlay = write_overlay(folder / "test", {"trainer": {
+            "callbacks": [], "logger": [{"class_path": "pytorch_lightning.loggers.CSVLogger",
+                                         "init_args": {"save_dir": str(folder / "test"), "name": "logs"}}]}})
+        run(["test", f"--config={recipe}", f"--config={test_overlay}", f"--ckpt_path={checkpoint}", *common])
+    return report.generate(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=None, help="run folder (default: runs/demo/<date-time>)")
+    parser.add_argument("--data-dir", default=os.environ.get("WIKITEXT_DIR") or (
+        str(LOCAL_WIKITEXT2) if LOCAL_WIKITEXT2.is_dir() else None),
+        help="local WikiText-2 folder (default: $WIKITEXT_DIR, else ../shared/data/wikitext-2, else the hub)")
+    parser.add_argument("--target", type=float, default=0.5, help="fraction of heads to remove")
+    parser.add_argument("--dense-steps", type=int, default=500, help="training steps of each model")
+    parser.add_argument("--prune-from-step", type=int, default=350, help="dense step the pruning run starts from")
+    parser.add_argument("--no-wandb", action="store_true", help="CSV logs only")
+    args, extra = parser.parse_known_args()
+    out = args.out or REPO / "runs" / "demo" / datetime.now().strftime("%Y%m%d-%H%M%S")
+    started = time.perf_counter()
+    runs = run_pipeline(out, args.data_dir, args.target, args.dense_steps, args.prune_from_step, extra,
+                        wandb=not args.no_wandb)
+    minutes = (time.perf_counter() - started) / 60
+    print("\n" + report.markdown_table(runs))
+    print(f"\n{minutes:.1f} min. Report, CSV and plots: {out}/report.md, results.csv, *.png")
+    if args.dense_steps < 2000:
+        print(f"Note: {args.dense_steps} training steps is a short run (the recipe's full length is 2,000); "
+              "perplexities are those of undertrained models, and the pruning cost is measured at equal steps.")
+
+
+if __name__ == "__main__":
+    main()
