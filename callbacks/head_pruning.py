@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import gc
 import logging
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +76,8 @@ class HeadPruning(Callback):
         if (l0_coefficient is None) == (target_sparsity is None):
             raise ValueError("HeadPruning needs exactly one of l0_coefficient (the paper's fixed L0 weight) and "
                              f"target_sparsity (a fraction of heads to remove); got l0_coefficient={l0_coefficient},"
-                             f" target_sparsity={target_sparsity}")
+                             f" target_sparsity={target_sparsity}. On the command line, switching a recipe's mode "
+                             "needs the other set to null, e.g. --trainer.callbacks.target_sparsity=null")
         if l0_coefficient is not None and l0_coefficient < 0:
             raise ValueError(f"l0_coefficient must be >= 0; got {l0_coefficient}")
         if target_sparsity is not None and not 0 < target_sparsity < 1:
@@ -157,9 +160,13 @@ class HeadPruning(Callback):
         if not isinstance(model, MemoryTransformerLM):
             raise TypeError(f"HeadPruning works on a LanguageModel wrapping a MemoryTransformerLM; got "
                             f"{type(pl_module).__name__} with model {type(model).__name__}")
-        if stage == "fit" and not isinstance(trainer.strategy, DDPStrategy | SingleDeviceStrategy):
-            raise ValueError(f"HeadPruning removes heads under single-device and DDP training only; the "
-                             f"{type(trainer.strategy).__name__} strategy is not supported")
+        if stage == "fit" and not _supported(trainer.strategy):
+            name = type(trainer.strategy).__name__
+            method = getattr(trainer.strategy, "_start_method", "n/a")
+            raise ValueError(f"HeadPruning removes heads during training under single-device and `ddp` (one process "
+                             f"per device, launched by Lightning or torchrun) strategies; {name} (start method "
+                             f"{method}) is not supported: spawned processes cannot hand a pruned model back. "
+                             "Use --trainer.strategy=ddp")
         self._model = model
         model.gates_enabled = True
         if stage == "fit":
@@ -169,6 +176,9 @@ class HeadPruning(Callback):
         if stage == "fit":
             pl_module.regularizer = None
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._last_step = trainer.global_step
+
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         model = self._model
@@ -177,11 +187,11 @@ class HeadPruning(Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         model, step = self._model, trainer.global_step
-        if self.targeted and self._gap is not None:
+        stepped = step != self._last_step  # an optimizer step ended with this batch (not mid-accumulation)
+        self._last_step = step
+        if stepped and self.targeted and self._gap is not None:
             self._ascend(self._gap)
         self._log_step(pl_module, model)
-        stepped = step != self._last_step  # an optimizer step ended with this batch
-        self._last_step = step
         if (stepped and self.prune_every_n_steps and step >= self.prune_after_step
                 and step % self.prune_every_n_steps == 0):
             self.remove_shut_heads(trainer, pl_module)
@@ -283,7 +293,13 @@ class HeadPruning(Callback):
         """Rebuild the DDP wrapper around the smaller module (its buckets were sized for the old shapes)."""
         strategy = trainer.strategy
         if isinstance(strategy, DDPStrategy) and _fitting(trainer):
+            # the old wrapper must be gone first: its reducer's autograd hooks would fire with the old shapes
+            old = weakref.ref(strategy.model)
             strategy.model = pl_module
+            gc.collect()
+            if old() is not None:
+                raise RuntimeError("the previous DDP wrapper is still referenced after a head removal, so its "
+                                   "gradient hooks would see the old shapes; training cannot continue safely")
             strategy.configure_ddp()
 
     @staticmethod
@@ -335,3 +351,11 @@ class HeadPruning(Callback):
 def _fitting(trainer: pl.Trainer) -> bool:
     """Whether the trainer runs ``fit`` (its validation loops included), as opposed to validate/test/predict."""
     return trainer.state.fn == TrainerFn.FITTING
+
+
+def _supported(strategy: object) -> bool:
+    """Single device, or plain DDP with one launched process per device (not spawn/fork, whose parent process
+    reloads the workers' weights into its own, unpruned model; not DeepSpeed or other subclasses)."""
+    if isinstance(strategy, SingleDeviceStrategy):
+        return True
+    return type(strategy) is DDPStrategy and getattr(strategy, "_start_method", "popen") == "popen"

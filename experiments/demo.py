@@ -17,45 +17,14 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-import wandb
-import yaml
-
 from experiments import report
+from experiments.runs import finish_wandb, loggers, test_into, write_overlay
 from lightning_modules.cli import run
 
 REPO = Path(__file__).resolve().parents[1]
 DENSE_RECIPE = REPO / "experiments" / "wt2" / "all_attention_small.yaml"
 PRUNE_RECIPE = REPO / "experiments" / "wt2" / "all_attention_small_prune.yaml"
 LOCAL_WIKITEXT2 = REPO.parent / "shared" / "data" / "wikitext-2"
-
-
-def wandb_offline() -> bool:
-    """Offline unless WANDB_MODE says online or an API key is configured (env or ~/.netrc)."""
-    mode = os.environ.get("WANDB_MODE", "").lower()
-    if mode:
-        return mode != "online"
-    netrc = Path.home() / ".netrc"
-    logged_in = bool(os.environ.get("WANDB_API_KEY")) or (netrc.exists() and "api.wandb.ai" in netrc.read_text())
-    return not logged_in
-
-
-def loggers(folder: Path, name: str, group: str, tags: list[str], wandb: bool) -> list[dict]:
-    """A CSV log in ``folder`` and, with ``wandb``, a wandb run named ``name`` in ``group``."""
-    result = [{"class_path": "pytorch_lightning.loggers.CSVLogger",
-               "init_args": {"save_dir": str(folder), "name": "logs", "version": 0}}]
-    if wandb:
-        result.append({"class_path": "pytorch_lightning.loggers.WandbLogger",
-                       "init_args": {"project": "headprune-demo", "name": name, "group": group, "tags": tags,
-                                     "save_dir": str(folder), "offline": wandb_offline()}})
-    return result
-
-
-def write_overlay(folder: Path, config: dict) -> Path:
-    """A YAML config layered over a recipe."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "overlay.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
 
 
 def run_pipeline(out: Path, data_dir: str | None, target: float, dense_steps: int, prune_from_step: int,
@@ -72,18 +41,19 @@ def run_pipeline(out: Path, data_dir: str | None, target: float, dense_steps: in
 
     dense_overlay = write_overlay(dense_dir, {"trainer": {
         "max_steps": dense_steps, "val_check_interval": prune_from_step,
-        "logger": loggers(dense_dir, "dense", group, ["all_attention", "dense"], wandb),
+        "logger": loggers(dense_dir, "dense", group, ["all_attention", "dense"], wandb, "headprune-demo"),
         "callbacks": [{"class_path": "pytorch_lightning.callbacks.ModelCheckpoint",
                        "init_args": {"dirpath": str(dense_dir / "checkpoints"), "save_last": True, "save_top_k": -1,
                                      "every_n_train_steps": prune_from_step, "filename": "step{step}",
                                      "auto_insert_metric_name": False, "monitor": None}}]}})
     report.write_run_file(dense_dir, name="dense", layer_type="all_attention", role="dense", steps=dense_steps)
     run(["fit", f"--config={DENSE_RECIPE}", f"--config={dense_overlay}", *common])
-    wandb.finish()  # one wandb run per stage
+    finish_wandb()  # one wandb run per stage
 
     pruned_overlay = write_overlay(pruned_dir, {"trainer": {
         "max_steps": prune_steps, "val_check_interval": max(1, prune_steps // 3),
-        "logger": loggers(pruned_dir, f"pruned-{target:.0%}", group, ["all_attention", "pruned"], wandb),
+        "logger": loggers(pruned_dir, f"pruned-{target:.0%}", group, ["all_attention", "pruned", f"target-{target}"],
+                          wandb, "headprune-demo"),
         "callbacks": [
             {"class_path": "pytorch_lightning.callbacks.ModelCheckpoint",
              "init_args": {"dirpath": str(pruned_dir / "checkpoints"), "save_last": True, "filename": "step{step}",
@@ -95,14 +65,10 @@ def run_pipeline(out: Path, data_dir: str | None, target: float, dense_steps: in
                           target_sparsity=target, steps=dense_steps)
     start = dense_dir / "checkpoints" / f"step{prune_from_step}.ckpt"
     run(["fit", f"--config={PRUNE_RECIPE}", f"--config={pruned_overlay}", f"--model.init_from={start}", *common])
-    wandb.finish()
+    finish_wandb()
 
-    for folder, recipe, checkpoint in ((dense_dir, DENSE_RECIPE, dense_dir / "checkpoints" / "last.ckpt"),
-                                       (pruned_dir, DENSE_RECIPE, pruned_dir / "checkpoints" / "pruned.ckpt")):
-        test_overlay = write_overlay(folder / "test", {"trainer": {
-            "callbacks": [], "logger": [{"class_path": "pytorch_lightning.loggers.CSVLogger",
-                                         "init_args": {"save_dir": str(folder / "test"), "name": "logs"}}]}})
-        run(["test", f"--config={recipe}", f"--config={test_overlay}", f"--ckpt_path={checkpoint}", *common])
+    test_into(dense_dir, DENSE_RECIPE, dense_dir / "checkpoints" / "last.ckpt", common)
+    test_into(pruned_dir, DENSE_RECIPE, pruned_dir / "checkpoints" / "pruned.ckpt", common)
     return report.generate(out)
 
 

@@ -11,6 +11,8 @@ from lightning_modules.model import MemoryTransformerLM
 CHECKPOINT_KEY = "headprune"
 LAYOUT_FORMAT = 1
 GATE_SUFFIX = "gate.log_alpha"
+# entries a checkpoint written before head gates existed lacks; the model's own values stand in for them
+OPTIONAL_SUFFIXES = (GATE_SUFFIX, "attn.head_ids")
 # configuration entries that fix parameter shapes; the rest (dropouts, gate settings...) may differ between runs
 STRUCTURAL_KEYS = ("vocab_size", "layer_type", "n_layers", "d_model", "n_heads", "d_head", "cutoffs", "div_value",
                    "max_len")
@@ -89,7 +91,7 @@ def load_dense_weights(model: MemoryTransformerLM, path: str | Path) -> int:
         model.shrink_to(record["heads_per_layer"])
     state = {key.removeprefix("model."): value for key, value in checkpoint.get("state_dict", {}).items()
              if key.startswith("model.") and not key.endswith(GATE_SUFFIX)}
-    ours = {key for key in model.state_dict() if not key.endswith(GATE_SUFFIX)}
+    ours = {key for key in model.state_dict() if not key.endswith(OPTIONAL_SUFFIXES) or key in state}
     missing, unexpected = sorted(ours - state.keys()), sorted(state.keys() - ours)
     if missing or unexpected:
         raise ValueError(f"init_from checkpoint {path} does not match the model: missing {missing[:5]}, "
@@ -100,3 +102,14 @@ def load_dense_weights(model: MemoryTransformerLM, path: str | Path) -> int:
                              f"{tuple(value.shape)}; build the model with the checkpoint's configuration")
     model.load_state_dict(state, strict=False)
     return len(state)
+
+
+def fill_optional_entries(state_dict: dict[str, Any], model: MemoryTransformerLM, prefix: str = "model.") -> list[str]:
+    """Add the model's own gates and head ids to a state dict that predates them (a baseline trained before head
+    gates existed), so a strict load works; returns the keys added."""
+    added = []
+    for key, value in model.state_dict().items():
+        if key.endswith(OPTIONAL_SUFFIXES) and prefix + key not in state_dict:
+            state_dict[prefix + key] = value.clone()
+            added.append(prefix + key)
+    return added

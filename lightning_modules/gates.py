@@ -17,8 +17,10 @@ class HardConcreteGate(nn.Module):
 
     Training: draws u ~ U(eps, 1 - eps) once per forward and head, s = sigmoid((logit(u) + log_alpha) / beta),
     stretches it to (gamma, zeta), clips to [eps, 1] and thresholds at 0.5: the forward value is exactly 0 or 1,
-    the gradient is the stretched sample's (straight-through). So P(gate open) = sigmoid(log_alpha).
-    Evaluation: deterministic, open iff log_alpha >= 0.
+    the gradient is the stretched sample's (straight-through). So P(gate open) = sigmoid(log_alpha - beta * t)
+    and, in evaluation (s = sigmoid(log_alpha), no noise), the gate is open iff log_alpha >= t, where t is the
+    logit of (0.5 - gamma) / (zeta - gamma): t = 0 for the paper's gamma = -0.1, zeta = 1.1, giving
+    P(open) = sigmoid(log_alpha) and "keep iff log_alpha >= 0".
 
     Args:
         n_heads: Heads of the layer.
@@ -35,6 +37,10 @@ class HardConcreteGate(nn.Module):
                              f"got beta={beta}, gamma={gamma}, zeta={zeta}")
         self.init, self.beta, self.gamma, self.zeta = init, beta, gamma, zeta
         self.log_alpha = nn.Parameter(torch.full((n_heads,), float(init)))
+        # the stretched gate reaches 0.5 where the unstretched one reaches s*; its logit is the log_alpha at which
+        # the eval gate opens (0 for the paper's gamma + zeta = 1)
+        s_star = (0.5 - gamma) / (zeta - gamma)
+        self.threshold = math.log(s_star / (1 - s_star))
 
     @property
     def n_heads(self) -> int:
@@ -59,12 +65,18 @@ class HardConcreteGate(nn.Module):
         return torch.sigmoid(self.log_alpha - shift).clamp(EPS, 1 - EPS).sum()
 
     def open_probability(self) -> Tensor:
-        """P(gate open) in training for each head, sigmoid(log_alpha) [n_heads], differentiable."""
-        return torch.sigmoid(self.log_alpha)
+        """P(gate open) in training for each head, sigmoid(log_alpha - beta * threshold) [n_heads], differentiable."""
+        return torch.sigmoid(self.log_alpha - self.beta * self.threshold)
 
     def keep_mask(self) -> Tensor:
-        """The deterministic decision, bool [n_heads]: True = keep (log_alpha >= 0)."""
-        return self.log_alpha.detach() >= 0
+        """The deterministic decision, bool [n_heads]: True = keep (log_alpha >= threshold, 0 by default); the
+        same decision as the eval forward."""
+        return self.forward_eval_open()
+
+    def forward_eval_open(self) -> Tensor:
+        """Whether each eval-mode gate is open, computed exactly as ``forward`` does in eval."""
+        stretched = (torch.sigmoid(self.log_alpha.detach()) * (self.zeta - self.gamma) + self.gamma).clamp(EPS, 1.0)
+        return stretched >= 0.5
 
     def extra_repr(self) -> str:
         return f"n_heads={self.n_heads}, beta={self.beta}, gamma={self.gamma}, zeta={self.zeta}"

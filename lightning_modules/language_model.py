@@ -19,6 +19,7 @@ from lightning_modules.adaptive import IGNORE_INDEX
 from lightning_modules.checkpoint_layout import (
     CHECKPOINT_KEY,
     apply_layout,
+    fill_optional_entries,
     layout_record,
     load_dense_weights,
     read_checkpoint,
@@ -55,7 +56,8 @@ class LanguageModel(pl.LightningModule):
             gates also get no weight decay.
         init_from: A checkpoint whose model weights start this run (e.g. the dense baseline a pruning run
             starts from). Its gates are not loaded: they start at this model's ``gate_init`` (PAPER 4.3). A
-            ``--ckpt_path`` resume restores its own weights over these.
+            ``--ckpt_path`` resume restores its own weights over these (Lightning loads the resume checkpoint
+            after ``setup``, so the baseline file must still exist, or pass ``--model.init_from=null``).
 
     Pruning hooks: ``regularizer`` (set by the ``HeadPruning`` callback) is added to the training loss; every
     checkpoint records the head layout, and ``on_load_checkpoint`` shrinks a freshly built model to it before the
@@ -194,7 +196,11 @@ class LanguageModel(pl.LightningModule):
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.init_from:
-            loaded = load_dense_weights(self.model, self.init_from)
+            try:
+                loaded = load_dense_weights(self.model, self.init_from)
+            except FileNotFoundError as error:
+                raise FileNotFoundError(f"{error}. It is model.init_from, the baseline this run starts from; when "
+                                        "resuming with --ckpt_path, pass --model.init_from=null") from error
             log.info("initialised %d weight tensors from %s; gates start at log_alpha=%s", loaded, self.init_from,
                      self.model.config["gate_init"])
 
@@ -202,7 +208,11 @@ class LanguageModel(pl.LightningModule):
         checkpoint[CHECKPOINT_KEY] = layout_record(self.model)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        apply_layout(self.model, checkpoint.get(CHECKPOINT_KEY), source="the checkpoint")
+        record = checkpoint.get(CHECKPOINT_KEY)
+        apply_layout(self.model, record, source="the checkpoint")
+        if record is None and "state_dict" in checkpoint:
+            fill_optional_entries(checkpoint["state_dict"], self.model)
+        self.init_from = None  # the loaded weights supersede the baseline (a later fit must not reload it)
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: str | Path, map_location: Any = None, **kwargs: Any):

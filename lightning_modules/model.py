@@ -321,9 +321,10 @@ class MemoryTransformerLM(nn.Module):
         for layer in self.layers:
             empty = layer.n_heads == 0
             layer.gate.log_alpha.requires_grad_(self._gates_enabled and not empty)
-            norm = layer.norm if isinstance(layer, AllAttentionLayer) else layer.attn_norm
-            for p in (*layer.attn.parameters(), *norm.parameters()):
-                p.requires_grad_(not empty)
+            if empty:  # only ever switched off, so parameters a user froze stay frozen
+                norm = layer.norm if isinstance(layer, AllAttentionLayer) else layer.attn_norm
+                for p in (*layer.attn.parameters(), *norm.parameters()):
+                    p.requires_grad_(False)
 
     def _head_scale(self, layer: AllAttentionLayer | TransformerXLLayer) -> Tensor | None:
         """Per-head multiplier of one layer: its gates (times the output-scaling factor), or None when ungated."""

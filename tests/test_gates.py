@@ -61,3 +61,19 @@ def test_bad_gate_settings_are_rejected():
         HardConcreteGate(4, beta=0.0)
     with pytest.raises(ValueError, match="gamma < 0"):
         HardConcreteGate(4, gamma=0.1)
+
+
+def test_non_default_stretch_keeps_the_eval_decision_and_training_probability_consistent():
+    torch.manual_seed(0)
+    gate = HardConcreteGate(6, zeta=1.5)  # gamma + zeta != 1: the gate opens at log_alpha = threshold, not 0
+    with torch.no_grad():
+        gate.log_alpha.copy_(torch.tensor([-2.0, -0.6, -0.4, 0.0, 0.5, 2.0]))
+    assert gate.threshold == pytest.approx(math.log(0.375 / 0.625))
+    assert gate.eval()().bool().tolist() == gate.keep_mask().tolist() == [False, False, True, True, True, True]
+    draws = 20000
+    sampled = HardConcreteGate(2 * draws, zeta=1.5)
+    with torch.no_grad():
+        sampled.log_alpha.copy_(torch.tensor([-1.0, 0.5]).repeat_interleave(draws))
+    p_open = sampled.train()().detach().view(2, draws).mean(1)
+    expected = sampled.open_probability().detach().view(2, draws)[:, 0]
+    assert ((p_open - expected).abs() < 4 * (expected * (1 - expected) / draws).sqrt()).all()

@@ -213,3 +213,26 @@ def test_init_from_loads_a_baseline_and_starts_the_gates_fresh(tmp_path):
         wrong_vocab.setup("fit")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         LanguageModel(tiny_model(), init_from=str(tmp_path / "missing.ckpt")).setup("fit")
+
+
+def test_a_checkpoint_from_before_head_gates_still_loads(tmp_path):
+    """Baselines written before gates existed lack gate and head-id entries: init_from and strict loads cope."""
+    old = LanguageModel(tiny_model())
+    state = {k: v for k, v in old.state_dict().items() if "gate." not in k and "head_ids" not in k}
+    path = tmp_path / "old.ckpt"
+    torch.save({"state_dict": state, "pytorch-lightning_version": pl.__version__, "hyper_parameters": {}}, path)
+    pruning = LanguageModel(tiny_model(), init_from=str(path))
+    pruning.setup("fit")
+    assert torch.equal(pruning.model.layers[0].attn.q_proj.weight, old.model.layers[0].attn.q_proj.weight)
+    reloaded = LanguageModel.load_from_checkpoint(path, model=tiny_model())
+    assert torch.equal(reloaded.model.layers[1].attn.persistent_v, old.model.layers[1].attn.persistent_v)
+    assert reloaded.model.head_ids == [[0, 1, 2, 3]] * 2
+
+
+def test_loading_a_checkpoint_drops_init_from_so_a_later_fit_keeps_the_loaded_weights(tmp_path):
+    module = LanguageModel(tiny_model(), init_from=str(tmp_path / "baseline.ckpt"))
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    module.on_load_checkpoint(checkpoint)
+    assert module.init_from is None
+    module.setup("fit")  # would raise FileNotFoundError if it still tried the baseline

@@ -186,3 +186,27 @@ def test_head_map_rows_and_image_show_open_shut_and_removed_heads():
     image = head_map_image(model, cell=4)
     assert image.shape == (2 * 4, 4 * 4, 3) and image.dtype.name == "uint8"
     assert tuple(image[4, 0]) == REMOVED_RGB and tuple(image[0, 4]) == SHUT_RGB
+
+
+def test_folding_the_output_scale_carries_the_moments_over_in_gradient_units():
+    model = gated_model("all_attention", True, {0: [1, 3]})
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = torch.randint(0, V, (2, 8))
+    model(x, target_ids=x).nll.mean().backward()
+    optimizer.step()
+    o_proj = model.layers[0].attn.o_proj.weight
+    before = {k: v.clone() for k, v in optimizer.state[o_proj].items()}
+    slices = model.eval().prune_heads({0: [1, 3]})  # 4 heads, 2 open -> 2 heads, 2 open: scale 2 folded into W_o
+    slice_optimizer_state_(optimizer, slices)
+    cols = torch.cat([torch.arange(0, 8), torch.arange(16, 24)])
+    torch.testing.assert_close(optimizer.state[o_proj]["exp_avg"], before["exp_avg"][:, cols] / 2)
+    torch.testing.assert_close(optimizer.state[o_proj]["exp_avg_sq"], before["exp_avg_sq"][:, cols] / 4)
+
+
+def test_prune_heads_never_unfreezes_parameters_a_user_froze():
+    model = small_model()
+    model.layers[0].attn.q_proj.weight.requires_grad_(False)
+    model.gates_enabled = True
+    model.prune_heads({1: [0]})
+    assert not model.layers[0].attn.q_proj.weight.requires_grad

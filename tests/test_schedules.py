@@ -1,6 +1,7 @@
 """The sparsity warm-up schedule (PAPER 3.1) and the callback's argument checks."""
 
 import pytest
+import pytorch_lightning as pl
 
 from callbacks.head_pruning import HeadPruning
 from callbacks.schedules import linear_ramp
@@ -37,3 +38,12 @@ def test_target_and_temperature_ramps():
 def test_bad_callback_arguments_are_rejected(kwargs, message):
     with pytest.raises(ValueError, match=message):
         HeadPruning(**kwargs)
+
+
+def test_spawned_ddp_is_rejected_with_the_fix_in_the_message():
+    from lightning_modules.language_model import LanguageModel
+    from tests.test_language_model import tiny_model
+
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False)
+    with pytest.raises(ValueError, match=r"--trainer.strategy=ddp"):
+        HeadPruning(target_sparsity=0.5).setup(trainer, LanguageModel(tiny_model()), "fit")
