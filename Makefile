@@ -10,10 +10,11 @@ PYTEST_ARGS ?=
 WIKITEXT_DIR ?= $(if $(wildcard ../shared/data/wikitext-2),../shared/data/wikitext-2,)
 DEMO_ARGS ?=
 RUNS ?= runs/demo
+SCALE ?= wt2-cpu
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.headprune-installed
 
-.PHONY: install test test-all lint demo report bench-data bench-prune clean
+.PHONY: install test test-all lint demo compare report bench-data bench-prune clean
 
 install: $(STAMP)
 
@@ -37,6 +38,11 @@ lint: install
 # train a small All-attention LM on WikiText-2, prune half its heads, test both, write the report (about 10 min on 2 cores)
 demo: install
 	WIKITEXT_DIR=$(WIKITEXT_DIR) $(BIN)/python -m experiments.demo $(DEMO_ARGS)
+
+# the paper's comparison (All-attention vs Transformer-XL at 25/43/60% of heads removed); results are copied to
+# experiments/results/$(SCALE). SCALE=wt2-cpu (about half an hour on 2 cores) or SCALE=wt103-gpu (a GPU node)
+compare: install
+	$(BIN)/python -m experiments.compare --scale $(SCALE) --results experiments/results/$(SCALE)
 
 # regenerate the table and plots of every finished run under $(RUNS)
 report: install

@@ -18,13 +18,14 @@ from datetime import datetime
 from pathlib import Path
 
 from experiments import report
-from experiments.runs import finish_wandb, loggers, test_into, write_overlay
-from lightning_modules.cli import run
+from experiments.runs import test_into
+from experiments.stages import fit_dense, fit_pruned
 
 REPO = Path(__file__).resolve().parents[1]
 DENSE_RECIPE = REPO / "experiments" / "wt2" / "all_attention_small.yaml"
 PRUNE_RECIPE = REPO / "experiments" / "wt2" / "all_attention_small_prune.yaml"
 LOCAL_WIKITEXT2 = REPO.parent / "shared" / "data" / "wikitext-2"
+PROJECT = "headprune-demo"
 
 
 def run_pipeline(out: Path, data_dir: str | None, target: float, dense_steps: int, prune_from_step: int,
@@ -36,39 +37,12 @@ def run_pipeline(out: Path, data_dir: str | None, target: float, dense_steps: in
     data = [f"--data.data_dir={data_dir}"] if data_dir else ["--data.data_dir=null"]
     common = [*data, f"--trainer.limit_val_batches={limit_val_batches}", *extra_args]
     dense_dir, pruned_dir = out / "dense", out / "pruned"
-    prune_steps = dense_steps - prune_from_step
-    warmup = max(1, int(0.4 * prune_steps))
-
-    dense_overlay = write_overlay(dense_dir, {"trainer": {
-        "max_steps": dense_steps, "val_check_interval": prune_from_step,
-        "logger": loggers(dense_dir, "dense", group, ["all_attention", "dense"], wandb, "headprune-demo"),
-        "callbacks": [{"class_path": "pytorch_lightning.callbacks.ModelCheckpoint",
-                       "init_args": {"dirpath": str(dense_dir / "checkpoints"), "save_last": True, "save_top_k": -1,
-                                     "every_n_train_steps": prune_from_step, "filename": "step{step}",
-                                     "auto_insert_metric_name": False, "monitor": None}}]}})
-    report.write_run_file(dense_dir, name="dense", layer_type="all_attention", role="dense", steps=dense_steps)
-    run(["fit", f"--config={DENSE_RECIPE}", f"--config={dense_overlay}", *common])
-    finish_wandb()  # one wandb run per stage
-
-    pruned_overlay = write_overlay(pruned_dir, {"trainer": {
-        "max_steps": prune_steps, "val_check_interval": max(1, prune_steps // 3),
-        "logger": loggers(pruned_dir, f"pruned-{target:.0%}", group, ["all_attention", "pruned", f"target-{target}"],
-                          wandb, "headprune-demo"),
-        "callbacks": [
-            {"class_path": "pytorch_lightning.callbacks.ModelCheckpoint",
-             "init_args": {"dirpath": str(pruned_dir / "checkpoints"), "save_last": True, "filename": "step{step}",
-                           "auto_insert_metric_name": False, "monitor": None}},
-            {"class_path": "callbacks.head_pruning.HeadPruning",
-             "init_args": {"target_sparsity": target, "warmup_steps": warmup, "prune_every_n_steps": 10,
-                           "prune_on_validation": False, "prune_after_step": warmup, "lagrangian_lr": 0.05}}]}})
-    report.write_run_file(pruned_dir, name=f"pruned-{target:.0%}", layer_type="all_attention", role="pruned",
-                          target_sparsity=target, steps=dense_steps)
-    start = dense_dir / "checkpoints" / f"step{prune_from_step}.ckpt"
-    run(["fit", f"--config={PRUNE_RECIPE}", f"--config={pruned_overlay}", f"--model.init_from={start}", *common])
-    finish_wandb()
-
+    start = fit_dense(dense_dir, DENSE_RECIPE, "all_attention", dense_steps, prune_from_step, common, group, wandb,
+                      PROJECT)
+    pruned = fit_pruned(pruned_dir, PRUNE_RECIPE, "all_attention", start, dense_steps - prune_from_step, dense_steps,
+                        target, common, group, wandb, PROJECT)
     test_into(dense_dir, DENSE_RECIPE, dense_dir / "checkpoints" / "last.ckpt", common)
-    test_into(pruned_dir, DENSE_RECIPE, pruned_dir / "checkpoints" / "pruned.ckpt", common)
+    test_into(pruned_dir, DENSE_RECIPE, pruned, common)
     return report.generate(out)
 
 

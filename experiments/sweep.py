@@ -134,8 +134,9 @@ def run_sweep(sweep_file: Path, out: Path, overrides: dict[str, Any], extra: lis
             test_overlay = write_overlay(folder / "test", {"trainer": {"callbacks": [], "logger": [
                 {"class_path": "pytorch_lightning.loggers.CSVLogger",
                  "init_args": {"save_dir": str(folder / "test"), "name": "logs"}}]}})
+            test_args = [a for a in extra if not a.startswith("--trainer.callbacks")]  # testing has no callbacks
             tested = subprocess.run([program, "test", f"--config={recipe}", f"--config={test_overlay}",
-                                     f"--ckpt_path={final_checkpoint(folder)}", *extra], cwd=REPO, env=env)
+                                     f"--ckpt_path={final_checkpoint(folder)}", *test_args], cwd=REPO, env=env)
             if tested.returncode != 0:
                 raise RuntimeError(f"testing sweep run {name} failed with exit status {tested.returncode}")
     return report.generate(out) if test else []

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from experiments import report
+from experiments.compare import SCALES, Scale, run_comparison
 from experiments.demo import run_pipeline
 from experiments.sweep import expand_command, grid, run_sweep
 from lightning_modules.cli import run
@@ -44,8 +45,9 @@ def test_every_swept_parameter_is_a_valid_cli_override(sweep_file: Path, capsys)
         for name, value in point.items():
             node = printed
             for key in name.split("."):
-                node = next(c["init_args"] for c in node if "HeadPruning" in c["class_path"]) \
-                    if isinstance(node, list) else node[key]
+                if isinstance(node, list):  # the callbacks list: the swept arguments are HeadPruning's
+                    node = next(c["init_args"] for c in node if "HeadPruning" in c["class_path"])
+                node = node[key]
             assert node == value, f"{name} did not reach the config"
 
 
@@ -86,6 +88,25 @@ def test_demo_pipeline_at_tiny_scale(tmp_path, wikitext2_dir, wt2_cache_dir, mon
     assert pruned.params_non_embedding < dense.params_non_embedding
     assert pruned.steps == dense.steps == 30
     text = (tmp_path / "demo" / "report.md").read_text()
-    assert "| dense |" in text and "| pruned-50% |" in text
-    for name in ("results.csv", "ppl_vs_params.png", "head_map_pruned-50%.png"):
+    assert "| all_attention-dense |" in text and "| all_attention-pruned-50 |" in text
+    for name in ("results.csv", "ppl_vs_params.png", "head_map_all_attention-pruned-50.png"):
         assert (tmp_path / "demo" / name).stat().st_size > 0
+
+
+def test_comparison_at_tiny_scale_prunes_both_architectures(tmp_path, wikitext2_dir, wt2_cache_dir, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cpu = SCALES["wt2-cpu"]
+    tiny = Scale(dense=cpu.dense, prune=cpu.prune, dense_steps=20, prune_from_step=10, prune_steps=20,
+                 targets=(0.5,), args=["--trainer.limit_val_batches=2"])
+    runs = run_comparison(tiny, tmp_path / "cmp", [*TINY, f"--data.data_dir={wikitext2_dir}",
+                                                   f"--data.cache_dir={wt2_cache_dir}", "--model.gate_lr_factor=300"],
+                          use_wandb=False)
+    by_name = {r.name: r for r in runs}
+    assert set(by_name) == {"all_attention-dense", "all_attention-pruned-50", "transformer_xl-dense",
+                            "transformer_xl-pruned-50"}
+    assert by_name["all_attention-pruned-50"].heads == by_name["transformer_xl-pruned-50"].heads == 4
+    aa_cut = 1 - (by_name["all_attention-pruned-50"].params_non_embedding
+                  / by_name["all_attention-dense"].params_non_embedding)
+    txl_cut = 1 - (by_name["transformer_xl-pruned-50"].params_non_embedding
+                   / by_name["transformer_xl-dense"].params_non_embedding)
+    assert aa_cut == pytest.approx(0.5, abs=0.01) and txl_cut < aa_cut, "All-attention shrinks with its heads"
