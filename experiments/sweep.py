@@ -92,9 +92,11 @@ def recipe_of(command: list[str]) -> Path:
 
 
 def run_name(layer_type: str, point: dict[str, Any], varying: list[str]) -> str:
-    """A readable run name from the architecture and the swept values."""
+    """A readable run name from the architecture, the swept values and the seed (when the sweep fixes one)."""
     parts = [layer_type] + [f"{name.rsplit('.', 1)[-1]}{point[name]}" for name in varying]
-    return "-".join(parts).replace("init_args.", "").replace("/", "_")
+    if "seed_everything" in point and "seed_everything" not in varying:
+        parts.append(f"s{point['seed_everything']}")
+    return "-".join(parts).replace("/", "_")
 
 
 def run_sweep(sweep_file: Path, out: Path, overrides: dict[str, Any], extra: list[str], limit: int | None = None,
@@ -123,6 +125,8 @@ def run_sweep(sweep_file: Path, out: Path, overrides: dict[str, Any], extra: lis
                               target_sparsity=target, l0_coefficient=point.get("trainer.callbacks.l0_coefficient"),
                               sweep=group, point=point)
         tags = [layer_type, *(f"{n.rsplit('.', 1)[-1]}={point[n]}" for n in varying)]
+        if "seed_everything" in point:
+            tags.append(f"seed={point['seed_everything']}")
         overlay = write_overlay(folder, {"trainer": {"logger": loggers(folder, name, group, tags, use_wandb,
                                                                        sweep.get("project", "headprune"))}})
         full = [*command, f"--config={overlay}", f"--trainer.default_root_dir={folder}", *extra]
