@@ -17,6 +17,7 @@ from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy
 from pytorch_lightning.trainer.states import TrainerFn
 
 from callbacks.head_map import head_map_image, head_map_rows
+from callbacks.preemption import Preemption
 from callbacks.schedules import linear_ramp
 from lightning_modules.model import MemoryTransformerLM
 from lightning_modules.slicing import slice_optimizer_state_
@@ -305,10 +306,7 @@ class HeadPruning(Callback):
     @staticmethod
     def pruned_checkpoint_path(trainer: pl.Trainer) -> Path:
         """Where the final pruned model is saved: beside the ModelCheckpoint files, else in the log folder."""
-        callback = trainer.checkpoint_callback
-        folder = Path(callback.dirpath) if callback is not None and callback.dirpath else Path(
-            trainer.log_dir or trainer.default_root_dir) / "checkpoints"
-        return folder / "pruned.ckpt"
+        return Preemption.checkpoint_path(trainer).with_name("pruned.ckpt")
 
     # ----------------------------------------------------------------------------------------- reporting
 

@@ -3,24 +3,38 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
+from pytorch_lightning import Trainer
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+from pytorch_lightning.plugins.io import CheckpointIO
 
+from callbacks.preemption import Preemption
 from datamodules.wikitext import WikiTextDataModule
+from lightning_modules.checkpoint_io import AtomicCheckpointIO
 from lightning_modules.language_model import LanguageModel
 
 
 class HeadpruneCLI(LightningCLI):
-    """LightningCLI whose model is sized by the data: the vocabulary size comes from the datamodule."""
+    """LightningCLI whose model is sized by the data (the vocabulary size comes from the datamodule) and whose
+    checkpoints are written atomically unless the config names its own CheckpointIO plugin."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.vocab_size", "model.model.init_args.vocab_size", apply_on="instantiate")
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        plugins = self._get(self.config_init, "trainer", default={}).get("plugins")
+        plugins = [] if plugins is None else list(plugins) if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
+        return super().instantiate_trainer(**kwargs)
 
 
 def run(args: list[str] | None = None) -> HeadpruneCLI:
     """Runs one CLI command (``args`` as on the command line; ``None`` reads ``sys.argv``) and returns the CLI."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return HeadpruneCLI(LanguageModel, WikiTextDataModule, args=args, save_config_kwargs={"overwrite": True})
+    return HeadpruneCLI(LanguageModel, WikiTextDataModule, args=args, save_config_kwargs={"overwrite": True},
+                        trainer_defaults={"callbacks": [Preemption()]})
 
 
 def main() -> None:

@@ -58,6 +58,9 @@ class LanguageModel(pl.LightningModule):
             starts from). Its gates are not loaded: they start at this model's ``gate_init`` (PAPER 4.3). A
             ``--ckpt_path`` resume restores its own weights over these (Lightning loads the resume checkpoint
             after ``setup``, so the baseline file must still exist, or pass ``--model.init_from=null``).
+        on_nonfinite_loss: What a NaN or infinite training loss does: ``stop`` raises an error naming the step
+            (checkpoints already written are the last good ones); ``skip`` skips that optimizer step on every
+            rank and counts it in ``train/skipped_steps``.
 
     Pruning hooks: ``regularizer`` (set by the ``HeadPruning`` callback) is added to the training loss; every
     checkpoint records the head layout, and ``on_load_checkpoint`` shrinks a freshly built model to it before the
@@ -77,6 +80,7 @@ class LanguageModel(pl.LightningModule):
         top_k: int | None = None,
         gate_lr_factor: float = 10.0,
         init_from: str | None = None,
+        on_nonfinite_loss: Literal["stop", "skip"] = "stop",
     ) -> None:
         super().__init__()
         if warmup_steps < 0 or not 0 <= min_lr_ratio <= 1 or (decay_steps is not None and decay_steps < 1):
@@ -100,6 +104,9 @@ class LanguageModel(pl.LightningModule):
             raise ValueError(f"gate_lr_factor must be > 0; got {gate_lr_factor}")
         self.gate_lr_factor, self.init_from = gate_lr_factor, init_from
         self.regularizer: Callable[[], torch.Tensor] | None = None
+        if on_nonfinite_loss not in ("stop", "skip"):
+            raise ValueError(f"on_nonfinite_loss must be 'stop' or 'skip'; got {on_nonfinite_loss!r}")
+        self.on_nonfinite_loss, self.skipped_steps = on_nonfinite_loss, 0
 
     def forward(self, input_ids: torch.Tensor, memory: list[torch.Tensor] | None = None):
         """Log-probabilities of the next token at every position (and the new memory)."""
@@ -121,8 +128,24 @@ class LanguageModel(pl.LightningModule):
         if self.regularizer is not None:
             penalty = self.regularizer()
             self.log("train/sparsity_loss", penalty.detach())
-            return loss + penalty
-        return loss
+            loss = loss + penalty
+        return None if self._nonfinite(loss, batch_idx) else loss
+
+    def _nonfinite(self, loss: torch.Tensor, batch_idx: int) -> bool:
+        """Whether to skip this step because the loss is NaN or inf on some rank; raises if the policy is stop."""
+        bad = (~torch.isfinite(loss.detach())).float()
+        if self.trainer.world_size > 1:  # every rank must take the same decision, or DDP would wait forever
+            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
+        if not bool(bad):
+            return False
+        where = f"non-finite training loss ({float(loss):.4g} here) at step {self.global_step} (batch {batch_idx})"
+        if self.on_nonfinite_loss == "stop":
+            raise FloatingPointError(f"{where}; the run stops and the checkpoints on disk are the last good ones. "
+                                     "Lower the learning rate, or set model.on_nonfinite_loss=skip to skip such steps")
+        log.warning("%s: the step is skipped (on_nonfinite_loss=skip)", where)
+        self.skipped_steps += 1
+        self.log("train/skipped_steps", float(self.skipped_steps))
+        return True
 
     def on_train_epoch_end(self) -> None:
         self._last_batch_end = None
