@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import IterableDataset
+from torch.utils.data import DataLoader, IterableDataset
 
 IGNORE_INDEX = -100
 
@@ -102,6 +102,39 @@ class OrderedBatches(IterableDataset):
         return out
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        offset = self.offset(self.epoch_fn() if self.epoch_fn is not None else 0)
-        for step in range(self.num_steps):
+        return self.iterate(self.epoch_fn() if self.epoch_fn is not None else 0)
+
+    def iterate(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The batches of ``epoch`` from step ``start`` on (``start`` > 0 resumes an interrupted epoch)."""
+        offset = self.offset(epoch)
+        for step in range(start, self.num_steps):
             yield self.batch(step, offset)
+
+
+class ResumableLoader(DataLoader):
+    """The training DataLoader of :class:`OrderedBatches`, resumable mid-epoch.
+
+    Lightning saves ``state_dict()`` in every checkpoint and hands it back to ``load_state_dict`` on resume before
+    iterating. The state is the epoch and the number of its batches whose training step has finished, read from
+    the Trainer through ``position_fn`` (counting yields instead would be off by the batches Lightning prefetches).
+    The next iteration of that epoch then starts at the first unfinished batch, so no token is seen twice or
+    skipped; only the recurrence memory starts empty, as at every epoch start.
+    """
+
+    def __init__(self, batches: OrderedBatches, position_fn: Callable[[], tuple[int, int]]) -> None:
+        super().__init__(batches, batch_size=None)
+        self.batches, self.position_fn = batches, position_fn
+        self._resume: dict[str, int] | None = None
+
+    def state_dict(self) -> dict[str, int]:
+        epoch, finished = self.position_fn()
+        return {"epoch": epoch, "finished_batches": finished}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self._resume = dict(state_dict)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        epoch = self.batches.epoch_fn() if self.batches.epoch_fn is not None else 0
+        start, self._resume = (self._resume["finished_batches"] if self._resume and self._resume["epoch"] == epoch
+                               else 0), None
+        return self.batches.iterate(epoch, start)

@@ -10,7 +10,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from datamodules.batching import OrderedBatches
+from datamodules.batching import OrderedBatches, ResumableLoader
 from datamodules.corpus import SPLITS, CorpusCache, WikiTextSource
 from datamodules.vocab import Vocabulary
 
@@ -120,7 +120,14 @@ class WikiTextDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.batches("train"), batch_size=None)
+        return ResumableLoader(self.batches("train"), self._training_position)
+
+    def _training_position(self) -> tuple[int, int]:
+        """(epoch, batches of it whose training step finished), for resuming mid-epoch."""
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 0
+        return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.batches("valid"), batch_size=None)

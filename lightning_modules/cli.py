@@ -12,6 +12,7 @@ from pytorch_lightning.plugins.io import CheckpointIO
 from callbacks.preemption import Preemption
 from datamodules.wikitext import WikiTextDataModule
 from lightning_modules.checkpoint_io import AtomicCheckpointIO
+from lightning_modules.checkpoint_layout import CHECKPOINT_KEY, check_compatible, read_checkpoint
 from lightning_modules.language_model import LanguageModel
 
 
@@ -21,6 +22,27 @@ class HeadpruneCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.vocab_size", "model.model.init_args.vocab_size", apply_on="instantiate")
+
+    def before_fit(self) -> None:
+        self._check_checkpoint()
+
+    def before_validate(self) -> None:
+        self._check_checkpoint()
+
+    def before_test(self) -> None:
+        self._check_checkpoint()
+
+    def before_predict(self) -> None:
+        self._check_checkpoint()
+
+    def _check_checkpoint(self) -> None:
+        """Reject a ``--ckpt_path`` that does not fit the configured model before anything runs or is written."""
+        path = self.config[self.subcommand].get("ckpt_path")
+        if not path or path in ("last", "best", "hpc", "registry") or "://" in str(path):
+            return  # resolved by Lightning later; remote paths are checked when loaded
+        record = read_checkpoint(path).get(CHECKPOINT_KEY)
+        if record is not None:
+            check_compatible(self.model.model, record, f"checkpoint {path}")
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         plugins = self._get(self.config_init, "trainer", default={}).get("plugins")

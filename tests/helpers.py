@@ -1,6 +1,7 @@
 """Test-only callbacks that record what every rank holds, for checks across processes."""
 
 import json
+import os
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -37,3 +38,14 @@ class LayoutRecorder(Callback):
         result = {"changes": self.changes, "losses": self.losses, "world_size": trainer.world_size,
                   "finite": bool(torch.isfinite(torch.tensor(self.losses)).all())}
         (self.folder / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
+
+
+class DieAt(Callback):
+    """Kills this process (no cleanup, like a crashed node) on ``rank`` when training reaches ``step``."""
+
+    def __init__(self, step: int, rank: int = 1) -> None:
+        self.step, self.rank = step, rank
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_rank == self.rank and trainer.global_step >= self.step:
+            os._exit(3)

@@ -23,8 +23,9 @@ PRUNE_RECIPE = REPO / "experiments" / "wt2" / "all_attention_small_prune.yaml"
 
 
 def prune_args(wikitext2_dir: Path, cache: Path, root: Path, layer_type: str = "all_attention",
-               **pruning) -> list[str]:
-    """The WikiText-2 pruning recipe shrunk to 2 layers x 4 heads, with fast gates and the given callback args."""
+               checkpoint: dict | None = None, **pruning) -> list[str]:
+    """The WikiText-2 pruning recipe shrunk to 2 layers x 4 heads, with fast gates and the given callback args
+    (and ModelCheckpoint args in ``checkpoint``)."""
     callback = {"target_sparsity": 0.5, "warmup_steps": 20, "lagrangian_lr": 0.1, "prune_every_n_steps": 5,
                 "prune_on_validation": False, "prune_after_step": 20} | pruning
     if "l0_coefficient" in pruning:
@@ -32,7 +33,7 @@ def prune_args(wikitext2_dir: Path, cache: Path, root: Path, layer_type: str = "
     overlay = {"trainer": {"callbacks": [
         {"class_path": "pytorch_lightning.callbacks.ModelCheckpoint",
          "init_args": {"save_last": True, "every_n_train_steps": 10, "save_top_k": -1, "filename": "step{step}",
-                       "auto_insert_metric_name": False}},
+                       "auto_insert_metric_name": False} | (checkpoint or {})},
         {"class_path": "callbacks.head_pruning.HeadPruning", "init_args": callback},
     ]}}
     overlay_path = root / "overlay.yaml"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,10 +19,15 @@ from torch.utils.data import DataLoader
 
 from datamodules.wikitext import WikiTextDataModule
 from lightning_modules.checkpoint_io import AtomicCheckpointIO
+from lightning_modules.cli import run as run_cli
 from lightning_modules.language_model import LanguageModel
+from lightning_modules.model import MemoryTransformerLM
 from tests.conftest import write_corpus
 from tests.test_cli import tiny_args
+from tests.test_head_pruning import prune_args
 from tests.test_language_model import batches, tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_a_checkpoint_write_that_dies_midway_leaves_the_previous_file_whole(tmp_path, monkeypatch):
@@ -147,3 +154,138 @@ def test_bad_nonfinite_policy_is_rejected():
         LanguageModel(tiny_model(), on_nonfinite_loss="ignore")
 
 
+
+
+class BatchRecorder(pl.Callback):
+    """Records the first targets of every training batch, with the epoch."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, tuple[int, ...]]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.seen.append((trainer.current_epoch, tuple(batch[1][:, 0].tolist())))
+
+
+def test_resuming_mid_epoch_continues_with_the_first_unfinished_batch(tmp_path):
+    rng = np.random.default_rng(0)
+    words = [f"w{i}" for i in range(40)]
+    lines = [" ".join(rng.choice(words, size=12)) for _ in range(250)]  # 3,250 tokens: 51 batches of 4 x 16
+    text_dir = write_corpus(tmp_path / "text", {"train": "\n".join(lines), "valid": "w1 w2\n", "test": "w3 w4\n"})
+
+    def data() -> WikiTextDataModule:
+        return WikiTextDataModule(name="wikitext-2", data_dir=str(text_dir), cache_dir=str(tmp_path / "cache"),
+                                  batch_size=4, tgt_len=16, random_offset=True)
+
+    def module() -> LanguageModel:
+        torch.manual_seed(0)
+        return LanguageModel(MemoryTransformerLM(vocab_size=42, n_layers=1, d_model=16, n_heads=2, d_head=8,
+                                                 n_persistent=8, tgt_len=16, mem_len=8, cutoffs=[]))
+
+    def trainer(steps: int, recorder: BatchRecorder, extra: list[pl.Callback] = ()) -> pl.Trainer:
+        return pl.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+                          enable_model_summary=False, limit_val_batches=0, callbacks=[recorder, *extra],
+                          default_root_dir=tmp_path)
+
+    straight = BatchRecorder()
+    trainer(60, straight).fit(module(), datamodule=data())  # crosses into the second epoch
+    first = BatchRecorder()
+    ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=1, save_top_k=-1,
+                                        filename="s{step}", auto_insert_metric_name=False)
+    trainer(5, first, [ckpt]).fit(module(), datamodule=data())
+    resumed = BatchRecorder()
+    trainer(60, resumed).fit(module(), datamodule=data(), ckpt_path=tmp_path / "ck" / "s5.ckpt")
+    assert len(straight.seen) == 60 and {epoch for epoch, _ in straight.seen} == {0, 1}
+    assert first.seen + resumed.seen == straight.seen, "the resumed run reads exactly the batches not yet trained"
+
+
+def test_sigkill_during_pruning_resumes_with_its_layout_and_multipliers(wikitext2_dir, wt2_cache_dir, tmp_path):
+    script = Path(sys.executable).parent / "headprune"
+    if not script.exists():
+        pytest.skip("the headprune console script is not installed in this environment")
+    checkpoints = tmp_path / "checkpoints"
+    args = prune_args(wikitext2_dir, wt2_cache_dir, tmp_path, prune_every_n_steps=2,
+                      checkpoint={"dirpath": str(checkpoints), "every_n_train_steps": 1, "save_top_k": 1})
+    job = subprocess.Popen([str(script), "fit", *args, "--trainer.max_steps=100000"], cwd=tmp_path,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def removed_heads() -> bool:
+        try:
+            return sum(torch.load(checkpoints / "last.ckpt", weights_only=False)["headprune"]["heads_per_layer"]) < 8
+        except Exception:
+            return False
+
+    deadline = time.time() + 180
+    while time.time() < deadline and job.poll() is None and not removed_heads():
+        time.sleep(0.5)
+    assert job.poll() is None, "the run must still be going when it is killed"
+    job.kill()  # SIGKILL: no handler runs
+    job.wait(timeout=60)
+    saved = torch.load(checkpoints / "last.ckpt", weights_only=False)
+    step, layout = saved["global_step"], saved["headprune"]["heads_per_layer"]
+    assert sum(layout) < 8, "killed after at least one removal"
+    state = next(v for k, v in saved["callbacks"].items() if "HeadPruning" in k)
+    assert state["lambda_2"] > 0
+
+    resumed = subprocess.run([str(script), "fit", *args, f"--trainer.max_steps={step + 2}",
+                              f"--ckpt_path={checkpoints / 'last.ckpt'}"], cwd=tmp_path, capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    final = torch.load(checkpoints / "last.ckpt", weights_only=False)
+    assert final["global_step"] == step + 2
+    assert all(k <= n for k, n in zip(final["headprune"]["heads_per_layer"], layout, strict=True))
+
+
+def files_under(folder: Path) -> set[Path]:
+    return {p for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("override, message", [
+    (["--model.model.init_args.layer_type=lstm"], "layer_type must be one of"),
+    (["--model.model.init_args.cutoffs=[2000, 40000]"], "every cutoff must be < vocab_size=33278"),
+    (["--model.model.init_args.cutoffs=[10000, 2000]"], "strictly increasing"),
+    (["--trainer.callbacks+=callbacks.head_pruning.HeadPruning", "--trainer.callbacks.target_sparsity=1.5"],
+     r"target_sparsity must be in \(0, 1\)"),
+    (["--trainer.callbacks+=callbacks.head_pruning.HeadPruning", "--trainer.callbacks.target_sparsity=0.5",
+      "--trainer.callbacks.l0_coefficient=0.01"], "exactly one of l0_coefficient"),
+    (["--data.data_dir=/nonexistent/wikitext"], "does not exist"),
+])
+def test_bad_input_gets_a_clear_error_and_writes_nothing(override, message, wikitext2_dir, wt2_cache_dir, tmp_path,
+                                                        capsys):
+    root = tmp_path / "run"
+    root.mkdir()
+    with pytest.raises((ValueError, FileNotFoundError, SystemExit)) as error:
+        run_cli(["fit", *tiny_args(wikitext2_dir, wt2_cache_dir, root), "--trainer.max_steps=2", *override])
+    text = str(error.value) + capsys.readouterr().err
+    assert re.search(message, text), text[-2000:]
+    assert files_under(root) == set(), "a rejected run leaves nothing behind"
+
+
+def test_a_checkpoint_of_another_vocabulary_is_rejected_before_anything_runs(wikitext2_dir, wt2_cache_dir, tmp_path):
+    other = LanguageModel(tiny_model())  # vocabulary of 50, not WikiText-2's 33,278
+    path = tmp_path / "other.ckpt"
+    checkpoint = {"state_dict": other.state_dict()}
+    other.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, path)
+    root = tmp_path / "run"
+    root.mkdir()
+    for subcommand in ("fit", "test"):
+        with pytest.raises(ValueError, match=r"vocab_size: 50 there, 33278 here.*different vocabulary"):
+            run_cli([subcommand, *tiny_args(wikitext2_dir, wt2_cache_dir, root), f"--ckpt_path={path}"])
+    assert files_under(root) == set()
+
+
+def test_a_rank_that_dies_makes_the_ddp_job_fail_instead_of_hanging(wikitext2_dir, wt2_cache_dir, tmp_path):
+    script = Path(sys.executable).parent / "headprune"
+    if not script.exists():
+        pytest.skip("the headprune console script is not installed in this environment")
+    args = [*tiny_args(wikitext2_dir, wt2_cache_dir, tmp_path), "--trainer.strategy=ddp", "--trainer.devices=2",
+            "--trainer.max_steps=50", "--trainer.val_check_interval=1000", "--trainer.num_sanity_val_steps=0",
+            "--trainer.callbacks+=tests.helpers.DieAt", "--trainer.callbacks.step=3"]
+    env = os.environ | {"PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    started = time.time()
+    done = subprocess.run([str(script), "fit", *args], cwd=tmp_path, capture_output=True, text=True, timeout=240,
+                          env=env)
+    assert done.returncode != 0, "the job must report the failure"
+    assert time.time() - started < 200
+    assert "error: " not in done.stderr, "the job started (its arguments parsed) and failed for the dead rank"
+    assert "Connection reset by peer" in done.stderr or done.returncode == 3, done.stderr[-2000:]
