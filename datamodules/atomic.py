@@ -16,6 +16,9 @@ def atomic_file(path: Path) -> Iterator[BinaryIO]:
     on any error (or interrupt) it is removed and ``path`` is left as it was."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes the file private; give it the permissions open() would
     try:
         with os.fdopen(fd, "wb") as f:
             yield f

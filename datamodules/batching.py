@@ -115,26 +115,35 @@ class ResumableLoader(DataLoader):
     """The training DataLoader of :class:`OrderedBatches`, resumable mid-epoch.
 
     Lightning saves ``state_dict()`` in every checkpoint and hands it back to ``load_state_dict`` on resume before
-    iterating. The state is the epoch and the number of its batches whose training step has finished, read from
-    the Trainer through ``position_fn`` (counting yields instead would be off by the batches Lightning prefetches).
-    The next iteration of that epoch then starts at the first unfinished batch, so no token is seen twice or
-    skipped; only the recurrence memory starts empty, as at every epoch start.
+    iterating. The state is the epoch being read and the Trainer's count of its batches whose step finished
+    (``processed``) and whose hooks finished (``completed``), read through ``progress_fn``; counting yields instead
+    would be off by the batches Lightning prefetches. The next iteration continues that epoch at its first
+    unfinished batch. A checkpoint written at the end of an epoch's last batch (``completed < processed == len``)
+    is resumed by Lightning straight into the next epoch's pass, so that pass reads the next epoch from its
+    start; one written at the epoch's end is resumed with an empty rest-of-epoch pass first. Either way no token is
+    seen twice or skipped; only the recurrence memory starts empty, as at every epoch start.
     """
 
-    def __init__(self, batches: OrderedBatches, position_fn: Callable[[], tuple[int, int]]) -> None:
+    def __init__(self, batches: OrderedBatches, progress_fn: Callable[[], tuple[int, int]]) -> None:
         super().__init__(batches, batch_size=None)
-        self.batches, self.position_fn = batches, position_fn
+        self.batches, self.progress_fn = batches, progress_fn
         self._resume: dict[str, int] | None = None
+        self._epoch = 0  # the epoch the current iteration reads
 
     def state_dict(self) -> dict[str, int]:
-        epoch, finished = self.position_fn()
-        return {"epoch": epoch, "finished_batches": finished}
+        processed, completed = self.progress_fn()
+        return {"epoch": self._epoch, "finished_batches": processed, "completed_batches": completed}
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         self._resume = dict(state_dict)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        epoch = self.batches.epoch_fn() if self.batches.epoch_fn is not None else 0
-        start, self._resume = (self._resume["finished_batches"] if self._resume and self._resume["epoch"] == epoch
-                               else 0), None
+        resume, self._resume = self._resume, None
+        if resume is None:
+            epoch, start = (self.batches.epoch_fn() if self.batches.epoch_fn is not None else 0), 0
+        elif resume["finished_batches"] >= len(self.batches) > resume.get("completed_batches", len(self.batches)):
+            epoch, start = resume["epoch"] + 1, 0  # saved at the end of the epoch's last batch
+        else:
+            epoch, start = resume["epoch"], resume["finished_batches"]
+        self._epoch = epoch
         return self.batches.iterate(epoch, start)

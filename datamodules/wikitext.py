@@ -123,11 +123,12 @@ class WikiTextDataModule(pl.LightningDataModule):
         return ResumableLoader(self.batches("train"), self._training_position)
 
     def _training_position(self) -> tuple[int, int]:
-        """(epoch, batches of it whose training step finished), for resuming mid-epoch."""
-        trainer = self.trainer
-        if trainer is None:
+        """How many batches of the current training epoch have finished their step, and their hooks (for
+        resuming mid-epoch)."""
+        if self.trainer is None:
             return 0, 0
-        return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        current = self.trainer.fit_loop.epoch_loop.batch_progress.current
+        return current.processed, current.completed
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.batches("valid"), batch_size=None)

@@ -59,8 +59,9 @@ class LanguageModel(pl.LightningModule):
             ``--ckpt_path`` resume restores its own weights over these (Lightning loads the resume checkpoint
             after ``setup``, so the baseline file must still exist, or pass ``--model.init_from=null``).
         on_nonfinite_loss: What a NaN or infinite training loss does: ``stop`` raises an error naming the step
-            (checkpoints already written are the last good ones); ``skip`` skips that optimizer step on every
-            rank and counts it in ``train/skipped_steps``.
+            (checkpoints already written are the last good ones); ``skip`` drops that batch's update on every
+            rank (no backward; Lightning still counts the step, so schedules move on), resets the recurrence
+            memory and counts it in ``train/skipped_steps``.
 
     Pruning hooks: ``regularizer`` (set by the ``HeadPruning`` callback) is added to the training loss; every
     checkpoint records the head layout, and ``on_load_checkpoint`` shrinks a freshly built model to it before the
@@ -143,6 +144,7 @@ class LanguageModel(pl.LightningModule):
             raise FloatingPointError(f"{where}; the run stops and the checkpoints on disk are the last good ones. "
                                      "Lower the learning rate, or set model.on_nonfinite_loss=skip to skip such steps")
         log.warning("%s: the step is skipped (on_nonfinite_loss=skip)", where)
+        self._memory["train"] = None  # the bad forward may have left non-finite activations in the memory
         self.skipped_steps += 1
         self.log("train/skipped_steps", float(self.skipped_steps))
         return True

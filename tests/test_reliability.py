@@ -157,16 +157,17 @@ def test_bad_nonfinite_policy_is_rejected():
 
 
 class BatchRecorder(pl.Callback):
-    """Records the first targets of every training batch, with the epoch."""
+    """Records the first targets of every training batch."""
 
     def __init__(self) -> None:
-        self.seen: list[tuple[int, tuple[int, ...]]] = []
+        self.seen: list[tuple[int, ...]] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.seen.append((trainer.current_epoch, tuple(batch[1][:, 0].tolist())))
+        self.seen.append(tuple(batch[1][:, 0].tolist()))
 
 
-def test_resuming_mid_epoch_continues_with_the_first_unfinished_batch(tmp_path):
+@pytest.mark.parametrize("where", ["mid-epoch", "last batch of an epoch", "epoch end"])
+def test_resuming_continues_with_the_first_unfinished_batch(tmp_path, where):
     rng = np.random.default_rng(0)
     words = [f"w{i}" for i in range(40)]
     lines = [" ".join(rng.choice(words, size=12)) for _ in range(250)]  # 3,250 tokens: 51 batches of 4 x 16
@@ -187,14 +188,18 @@ def test_resuming_mid_epoch_continues_with_the_first_unfinished_batch(tmp_path):
                           default_root_dir=tmp_path)
 
     straight = BatchRecorder()
-    trainer(60, straight).fit(module(), datamodule=data())  # crosses into the second epoch
+    trainer(110, straight).fit(module(), datamodule=data())  # into the third epoch
+    per_epoch = 51  # 3,250 tokens in rows of 4 x 16
+    step, hook = {"mid-epoch": (5, {"every_n_train_steps": 1}),
+                  "last batch of an epoch": (per_epoch, {"every_n_train_steps": 1}),
+                  "epoch end": (per_epoch, {"every_n_epochs": 1, "save_on_train_epoch_end": True})}[where]
     first = BatchRecorder()
-    ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=1, save_top_k=-1,
-                                        filename="s{step}", auto_insert_metric_name=False)
-    trainer(5, first, [ckpt]).fit(module(), datamodule=data())
+    ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ck", save_top_k=-1, filename="s{step}",
+                                        auto_insert_metric_name=False, **hook)
+    trainer(step, first, [ckpt]).fit(module(), datamodule=data())
     resumed = BatchRecorder()
-    trainer(60, resumed).fit(module(), datamodule=data(), ckpt_path=tmp_path / "ck" / "s5.ckpt")
-    assert len(straight.seen) == 60 and {epoch for epoch, _ in straight.seen} == {0, 1}
+    trainer(110, resumed).fit(module(), datamodule=data(), ckpt_path=tmp_path / "ck" / f"s{step}.ckpt")
+    assert len(straight.seen) == 110 and straight.seen[:51] != straight.seen[51:102], "epochs are rotated"
     assert first.seen + resumed.seen == straight.seen, "the resumed run reads exactly the batches not yet trained"
 
 
