@@ -237,8 +237,7 @@ class HeadPruning(Callback):
     def remove_shut_heads(self, trainer: pl.Trainer, pl_module: pl.LightningModule, final: bool = False) -> dict:
         """Remove the heads rank 0's gates decide shut, on every rank; returns ``{layer: [removed heads]}``."""
         model = self._model
-        shut = {i: (~keep).nonzero().flatten().tolist() for i, keep in enumerate(model.head_keep_mask())}
-        shut = {i: heads for i, heads in shut.items() if heads}
+        shut = model.shut_heads()
         if self.targeted and not final:
             shut = self._within_budget(model, shut)
         shut = trainer.strategy.broadcast(shut, src=0)

@@ -23,7 +23,7 @@ from datetime import date
 from pathlib import Path
 
 from experiments import report
-from experiments.runs import test_into
+from experiments.runs import evaluate_into
 from experiments.stages import fit_dense, fit_pruned
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,12 +66,12 @@ def run_comparison(scale: Scale, out: Path, extra_args: list[str], use_wandb: bo
         dense_dir = out / f"{layer_type}-dense"
         start = fit_dense(dense_dir, scale.dense[layer_type], layer_type, scale.dense_steps, scale.prune_from_step,
                           args, group, use_wandb, "headprune-compare")
-        test_into(dense_dir, scale.dense[layer_type], dense_dir / "checkpoints" / "last.ckpt", args)
+        evaluate_into(dense_dir, scale.dense[layer_type], dense_dir / "checkpoints" / "last.ckpt", args)
         for target in scale.targets:
             folder = out / f"{layer_type}-pruned-{round(100 * target)}"
             pruned = fit_pruned(folder, scale.prune[layer_type], layer_type, start, scale.prune_steps, total, target,
                                 args, group, use_wandb, "headprune-compare")
-            test_into(folder, scale.dense[layer_type], pruned,
+            evaluate_into(folder, scale.dense[layer_type], pruned,
                       [*args, f"--model.model.init_args.layer_type={layer_type}"])
     return report.generate(out)
 

@@ -18,7 +18,7 @@ from datetime import datetime
 from pathlib import Path
 
 from experiments import report
-from experiments.runs import test_into
+from experiments.runs import evaluate_into
 from experiments.stages import fit_dense, fit_pruned
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,8 +41,8 @@ def run_pipeline(out: Path, data_dir: str | None, target: float, dense_steps: in
                       PROJECT)
     pruned = fit_pruned(pruned_dir, PRUNE_RECIPE, "all_attention", start, dense_steps - prune_from_step, dense_steps,
                         target, common, group, wandb, PROJECT)
-    test_into(dense_dir, DENSE_RECIPE, dense_dir / "checkpoints" / "last.ckpt", common)
-    test_into(pruned_dir, DENSE_RECIPE, pruned, common)
+    evaluate_into(dense_dir, DENSE_RECIPE, dense_dir / "checkpoints" / "last.ckpt", common)
+    evaluate_into(pruned_dir, DENSE_RECIPE, pruned, common)
     return report.generate(out)
 
 

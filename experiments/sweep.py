@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from experiments import report
-from experiments.runs import final_checkpoint, loggers, wandb_offline, write_overlay
+from experiments.runs import evaluation_overlay, final_checkpoint, loggers, wandb_offline, write_overlay
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -135,11 +135,8 @@ def run_sweep(sweep_file: Path, out: Path, overrides: dict[str, Any], extra: lis
         if done.returncode != 0:
             raise RuntimeError(f"sweep run {name} failed with exit status {done.returncode}; its logs are in {folder}")
         if test:
-            test_overlay = write_overlay(folder / "test", {"trainer": {"callbacks": [], "logger": [
-                {"class_path": "pytorch_lightning.loggers.CSVLogger",
-                 "init_args": {"save_dir": str(folder / "test"), "name": "logs"}}]}})
             test_args = [a for a in extra if not a.startswith("--trainer.callbacks")]  # testing has no callbacks
-            tested = subprocess.run([program, "test", f"--config={recipe}", f"--config={test_overlay}",
+            tested = subprocess.run([program, "test", f"--config={recipe}", f"--config={evaluation_overlay(folder)}",
                                      f"--ckpt_path={final_checkpoint(folder)}", *test_args], cwd=REPO, env=env)
             if tested.returncode != 0:
                 raise RuntimeError(f"testing sweep run {name} failed with exit status {tested.returncode}")

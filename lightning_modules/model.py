@@ -406,10 +406,14 @@ class MemoryTransformerLM(nn.Module):
         after = keep.numel() / max(int(is_open[keep.to(is_open.device)].sum()), 1)
         return before / after
 
+    def shut_heads(self) -> dict[int, list[int]]:
+        """The heads whose gates are decided shut, ``{layer: [head, ...]}`` (layers with none left out)."""
+        shut = {i: (~keep).nonzero().flatten().tolist() for i, keep in enumerate(self.head_keep_mask())}
+        return {i: heads for i, heads in shut.items() if heads}
+
     def prune_closed_heads(self) -> tuple[dict[int, list[int]], list[ParameterSlice]]:
         """Remove every head whose gate is decided shut; returns ``({layer: [removed heads]}, slices)``."""
-        closed = {i: (~keep).nonzero().flatten().tolist() for i, keep in enumerate(self.head_keep_mask())}
-        closed = {i: heads for i, heads in closed.items() if heads}
+        closed = self.shut_heads()
         return closed, self.prune_heads(closed)
 
     def shrink_to(self, heads_per_layer: Sequence[int]) -> None:
