@@ -15,12 +15,12 @@ def head_map_rows(model: MemoryTransformerLM, step: int) -> list[dict]:
     """One row per original head: step, layer, head, log_alpha (NaN once removed) and state
     (``open``, ``shut`` or ``removed``)."""
     rows = []
-    for i, layer in enumerate(model.layers):
+    for i, (layer, keep) in enumerate(zip(model.layers, model.head_keep_mask(), strict=True)):
         present = {int(h): pos for pos, h in enumerate(layer.attn.head_ids.tolist())}
         for head in range(model.config["n_heads"]):
             if head in present:
                 value = float(layer.gate.log_alpha[present[head]])
-                state = "open" if value >= 0 else "shut"
+                state = "open" if keep[present[head]] else "shut"
             else:
                 value, state = math.nan, "removed"
             rows.append({"step": step, "layer": i, "head": head, "log_alpha": value, "state": state})

@@ -262,27 +262,33 @@ class HeadPruning(Callback):
     def _within_budget(self, model: MemoryTransformerLM, shut: dict[int, list[int]]) -> dict[int, list[int]]:
         """In target mode a mid-run removal never takes more heads than the final target allows: the most
         clearly shut heads (lowest log_alpha) go first."""
-        budget = round(self.target_sparsity * model.total_heads) - (model.total_heads - sum(model.heads_per_layer))
+        budget = self._heads_left_to_remove(model)
         ranked = sorted((float(model.layers[i].gate.log_alpha[h]), i, h) for i, heads in shut.items() for h in heads)
         allowed: dict[int, list[int]] = {}
         for _, i, h in ranked[: max(budget, 0)]:
             allowed.setdefault(i, []).append(h)
         return {i: sorted(heads) for i, heads in allowed.items()}
 
+    def _heads_left_to_remove(self, model: MemoryTransformerLM) -> int:
+        """How many of the present heads the target still allows removing (negative if already past it)."""
+        already_removed = model.total_heads - sum(model.heads_per_layer)
+        return round(self.target_sparsity * model.total_heads) - already_removed
+
     @torch.no_grad()
     def _round_to_target(self, trainer: pl.Trainer, model: MemoryTransformerLM) -> None:
         """Set the gates so that exactly round(target * heads) heads end up removed: the weakest gates (lowest
         log_alpha) shut, the others open. Logs how many decisions this changed."""
         present = sum(model.heads_per_layer)
-        to_remove = round(self.target_sparsity * model.total_heads) - (model.total_heads - present)
-        to_remove = min(max(to_remove, 0), present - 1)  # never every head
+        to_remove = min(max(self._heads_left_to_remove(model), 0), present - 1)  # never every head
         ranked = sorted((float(layer.gate.log_alpha[h]), i, h) for i, layer in enumerate(model.layers)
                         for h in range(layer.n_heads))
+        keep = model.head_keep_mask()
         changed = 0
-        for rank, (value, i, h) in enumerate(ranked):
+        for rank, (_, i, h) in enumerate(ranked):
             shut = rank < to_remove
-            if shut != (value < 0):
-                model.layers[i].gate.log_alpha[h] = -1.0 if shut else 0.0
+            if shut == bool(keep[i][h]):  # the gate decides otherwise: move it just across its threshold
+                gate = model.layers[i].gate
+                gate.log_alpha[h] = gate.threshold - 1.0 if shut else gate.threshold
                 changed += 1
         log.info("target sparsity %.3f: rounding to %d removed heads changed %d gate decisions",
                  self.target_sparsity, model.total_heads - present + to_remove, changed)

@@ -35,8 +35,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist; check the path (e.g. .../checkpoints/last.ckpt)")
     try:
-        # our own checkpoints hold plain Python containers beside tensors, so the full unpickler is needed
-        return torch.load(path, map_location="cpu", weights_only=False)
+        # our own checkpoints hold plain Python containers beside tensors, so the full unpickler is needed;
+        # mmap leaves tensor data on disk until used, so reading only the layout record stays cheap
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as error:
         raise ValueError(f"checkpoint {path} cannot be read ({type(error).__name__}: {error}); "
                          "it is truncated or not a checkpoint") from error
