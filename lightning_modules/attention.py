@@ -5,6 +5,7 @@ Notation: B batch, T segment (query) length, M memory length, S = M + T keys fro
 N persistent slots per head.
 """
 
+import functools
 import math
 
 import torch
@@ -12,9 +13,17 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from lightning_modules.joint_attention import joint_attention
 from lightning_modules.slicing import ParameterSlice, slice_parameter_
 
-ATTN_IMPLS = ("sdpa", "reference")
+ATTN_IMPLS = ("auto", "joint", "sdpa", "reference")
+
+
+def resolve_impl(impl: str, device: torch.device) -> str:
+    """The attention core that ``impl`` names on ``device``: "auto" is "joint" on CPU and "sdpa" elsewhere."""
+    if impl != "auto":
+        return impl
+    return "joint" if device.type == "cpu" else "sdpa"
 
 
 def _at_least_fp32(x: Tensor) -> Tensor:
@@ -37,6 +46,19 @@ def attention_mask(q_len: int, n_mem: int, same_length: bool, device: torch.devi
     return allowed  # (T, S)
 
 
+@functools.lru_cache(maxsize=16)
+def _blocked_cached(q_len: int, n_mem: int, same_length: bool, device: torch.device) -> Tensor:
+    return ~attention_mask(q_len, n_mem, same_length, device)
+
+
+def blocked_keys(q_len: int, n_mem: int, same_length: bool, device: torch.device) -> Tensor:
+    """The negation of `attention_mask` (True = masked), made once per shape and device: every layer of every
+    step asks for the same one. Read-only; built afresh while torch.compile traces."""
+    if torch.compiler.is_compiling():
+        return ~attention_mask(q_len, n_mem, same_length, device)
+    return _blocked_cached(q_len, n_mem, same_length, device)
+
+
 def rel_shift(x: Tensor) -> Tensor:
     """Align position logits to keys with the Transformer-XL pad-and-reshape trick.
 
@@ -44,10 +66,14 @@ def rel_shift(x: Tensor) -> Tensor:
     Out: y[..., i, j] = x[..., i, j + T - 1 - i], i.e. the row for distance (S - T + i) - j. Entries for keys
     in the future of query i (j > S - T + i) hold junk and must be masked.
     """
-    *lead, T, S = x.shape
-    x = F.pad(x, (1, 0))  # (..., T, S+1)
-    x = x.view(*lead, S + 1, T)[..., 1:, :]  # (..., S, T)
-    return x.reshape(*lead, T, S)
+    return rel_shift_padded(F.pad(x, (1, 0)))  # (..., T, S+1) -> (..., T, S)
+
+
+def rel_shift_padded(x: Tensor) -> Tensor:
+    """`rel_shift` of logits whose zero pad column is already in place: x [..., T, S+1] with x[..., 0] = 0 ->
+    the same [..., T, S] as rel_shift(x[..., 1:]), as a view (no copy)."""
+    *lead, T, S1 = x.shape
+    return x.view(*lead, S1, T)[..., 1:, :].reshape(*lead, T, S1 - 1)
 
 
 def relative_index(q_len: int, k_len: int, device: torch.device | None = None) -> Tensor:
@@ -69,8 +95,11 @@ class RelativeMultiHeadAttention(nn.Module):
     h*D:(h+1)*D of o_proj.weight, content_bias[h], position_bias[h], persistent_k[h], persistent_v[h] all
     belong to head h (see `head_slice`). `n_heads` is an attribute so a pruned module can carry fewer heads.
 
-    `impl` picks the attention core: "sdpa" (F.scaled_dot_product_attention with an additive float bias) or
-    "reference" (explicit einsum and softmax). Both compute the same function.
+    `impl` picks the attention core, all computing the same function: "joint" (one softmax over context and
+    persistent slots with a hand-written backward, see `joint_attention`; the fastest on CPU), "sdpa"
+    (F.scaled_dot_product_attention with an additive float bias, for fused GPU kernels), "reference" (explicit
+    einsum and autograd softmax, the plain formula the others are tested against) or "auto" ("joint" on CPU,
+    "sdpa" on other devices).
     """
 
     def __init__(
@@ -81,7 +110,7 @@ class RelativeMultiHeadAttention(nn.Module):
         n_persistent: int = 0,
         dropatt: float = 0.0,
         same_length: bool = True,
-        impl: str = "sdpa",
+        impl: str = "auto",
     ) -> None:
         super().__init__()
         if impl not in ATTN_IMPLS:
@@ -151,24 +180,55 @@ class RelativeMultiHeadAttention(nn.Module):
         if pos_emb.size(0) != S:
             raise ValueError(f"pos_emb has {pos_emb.size(0)} rows but memory + segment is {S} positions")
         H = self.n_heads
-        q = rearrange(self.q_proj(x), "b t (h d) -> b h t d", h=H)
+        q = self.q_proj(x)  # (B, T, H*D)
         kv = F.linear(c, torch.cat([self.k_proj.weight, self.v_proj.weight]))  # (B, S, 2*H*D), one matmul
-        k, v = rearrange(kv, "b s (two h d) -> two b h s d", two=2, h=H)  # (B, H, S, D) each
         r = rearrange(self.r_proj(pos_emb), "s (h d) -> h s d", h=H)  # (H, S, D)
-        allowed = attention_mask(T, S - T, self.same_length, x.device)  # (T, S)
-        attend = self._attend_sdpa if self.impl == "sdpa" else self._attend_reference
-        o = attend(q, k, v, r, allowed)  # (B, H, T, D)
+        blocked = blocked_keys(T, S - T, self.same_length, x.device)  # (T, S), True = masked
+        impl = resolve_impl(self.impl, x.device)
+        if impl == "joint":
+            o = self._attend_joint(q, kv, r, blocked)  # (H, B, T, D)
+            layout, per_head = "h b t d -> b t (h d)", (H, 1, 1, 1)
+        else:
+            q = rearrange(q, "b t (h d) -> b h t d", h=H)
+            k, v = rearrange(kv, "b s (two h d) -> two b h s d", two=2, h=H)  # (B, H, S, D) each
+            attend = self._attend_sdpa if impl == "sdpa" else self._attend_reference
+            o = attend(q, k, v, r, blocked)  # (B, H, T, D)
+            layout, per_head = "b h t d -> b t (h d)", (H, 1, 1)
         if head_scale is None:
-            return self.o_proj(rearrange(o, "b h t d -> b t (h d)"))  # (B, T, d)
-        out = self.o_proj(rearrange(o * head_scale.view(H, 1, 1), "b h t d -> b t (h d)"))
+            return self.o_proj(rearrange(o, layout))  # (B, T, d)
+        out = self.o_proj(rearrange(o * head_scale.view(per_head), layout))
         return out * head_scale.detach().ne(0).any().to(out.dtype)  # a 0-dim factor: no host sync
 
-    def _attend_sdpa(self, q: Tensor, k: Tensor, v: Tensor, r: Tensor, allowed: Tensor) -> Tensor:
+    def _attend_joint(self, q: Tensor, kv: Tensor, r: Tensor, blocked: Tensor) -> Tensor:
+        """CPU fast path, head-major: context logits by autograd, then `joint_attention` (one softmax over
+        context and persistent slots, persistent keys/values shared by the batch). q [B, T, H*D],
+        kv [B, S, 2*H*D], r [H, S, D] -> [H, B, T, D]."""
+        H, D = self.n_heads, self.d_head
+        B, T = q.shape[:2]
+        S = kv.size(1)
+        scale = D**-0.5
+        q = rearrange(q, "b t (h d) -> h b t d", h=H).contiguous()
+        k, v = rearrange(kv, "b s (two h d) -> two h b s d", two=2, h=H).contiguous()  # (H, B, S, D) each
+        # position logits against [0; r]: the leading zero column is the pad of rel_shift, computed for free
+        r_padded = F.pad(r, (0, 0, 1, 0))  # (H, S+1, D)
+        q_pos = ((q + self.position_bias[:, None, None]) * scale).view(H, B * T, D)
+        pos = rel_shift_padded(torch.bmm(q_pos, r_padded.mT).view(H * B, T, S + 1))  # (H*B, T, S), a view
+        position = _at_least_fp32(pos.view(H, B, T, S)).masked_fill(blocked, float("-inf"))  # (H, B, T, S)
+        q_content = (q + self.content_bias[:, None, None]) * scale
+        persistent_k = persistent_v = None
+        if self.n_persistent > 0:
+            persistent_k = self.persistent_k.to(q.dtype)  # logit q·K_n: the stored key's sqrt(D) cancels 1/sqrt(D)
+            persistent_v = (self.persistent_v * self.n_persistent**0.5).to(v.dtype)
+        dropout_p = self.dropatt if self.training else 0.0
+        o = joint_attention(q_content, k, v, position, q.view(H, B * T, D), persistent_k, persistent_v, dropout_p)
+        return o.view(H, B, T, D)
+
+    def _attend_sdpa(self, q: Tensor, k: Tensor, v: Tensor, r: Tensor, blocked: Tensor) -> Tensor:
         """Fast path: position term, u·k and the causal mask go in as one additive bias."""
         scale = self.d_head**-0.5
         pos = rel_shift(torch.einsum("bhtd,hsd->bhts", q + self.position_bias[:, None], r))  # (B, H, T, S)
         content = torch.einsum("hd,bhsd->bhs", self.content_bias, k)  # (B, H, S): the u·k_j part
-        bias = ((pos + content[:, :, None]) * scale).masked_fill(~allowed, float("-inf"))  # (B, H, T, S)
+        bias = ((pos + content[:, :, None]) * scale).masked_fill(blocked, float("-inf"))  # (B, H, T, S)
         if self.n_persistent > 0:
             B = q.size(0)
             # SDPA divides every logit by sqrt(D); the stored key times sqrt(D) undoes it (PAPER 1.2)
@@ -181,7 +241,7 @@ class RelativeMultiHeadAttention(nn.Module):
             q, k, v, attn_mask=bias.to(q.dtype), dropout_p=dropout_p, scale=scale
         )  # (B, H, T, D)
 
-    def _attend_reference(self, q: Tensor, k: Tensor, v: Tensor, r: Tensor, allowed: Tensor) -> Tensor:
+    def _attend_reference(self, q: Tensor, k: Tensor, v: Tensor, r: Tensor, blocked: Tensor) -> Tensor:
         """Plain path: explicit logits, gathered relative positions, fp32 softmax over all slots."""
         B, H, T, _ = q.shape
         S = k.size(2)
@@ -190,7 +250,7 @@ class RelativeMultiHeadAttention(nn.Module):
         index = relative_index(T, S, q.device).expand(B, H, T, S)
         position = pos_rows.gather(-1, index)  # (B, H, T, S)
         logits = _at_least_fp32((content + position) / math.sqrt(self.d_head))
-        logits = logits.masked_fill(~allowed, float("-inf"))
+        logits = logits.masked_fill(blocked, float("-inf"))
         if self.n_persistent > 0:
             persistent = torch.einsum("bhtd,hnd->bhtn", q, self.persistent_k.to(q.dtype))  # (B, H, T, N)
             logits = torch.cat([logits, _at_least_fp32(persistent)], dim=-1)  # (B, H, T, S+N)

@@ -44,7 +44,7 @@ class AllAttentionLayer(GatedHeadsMixin, nn.Module):
         dropout: float = 0.1,
         dropatt: float = 0.0,
         same_length: bool = True,
-        attn_impl: str = "sdpa",
+        attn_impl: str = "auto",
         gate: HardConcreteGate | None = None,
     ) -> None:
         super().__init__()
@@ -96,7 +96,7 @@ class TransformerXLLayer(GatedHeadsMixin, nn.Module):
         dropout: float = 0.1,
         dropatt: float = 0.0,
         same_length: bool = True,
-        attn_impl: str = "sdpa",
+        attn_impl: str = "auto",
         gate: HardConcreteGate | None = None,
     ) -> None:
         super().__init__()

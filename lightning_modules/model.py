@@ -103,7 +103,7 @@ class MemoryTransformerLM(nn.Module):
         max_len: int = 512,
         init_s1: float | None = None,
         init_s2: float | None = None,
-        attn_impl: str = "sdpa",
+        attn_impl: str = "auto",
         gate_init: float = 2.0,
         gate_beta: float = 0.333,
         gate_gamma: float = -0.1,

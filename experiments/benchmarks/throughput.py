@@ -1,0 +1,216 @@
+"""Throughput of the model on workload W1 (issue 6), against the machine's matmul speed and across pruning levels.
+
+W1: vocabulary 33,278 (WikiText-2), adaptive softmax cutoffs [2000, 10000], div_value 4; 4 layers, d_model 256,
+8 heads of 32, 1024 persistent vectors (All-attention) or d_inner 1024 (Transformer-XL); segment 64 + memory 64,
+batch 8; dropout 0, fp32, AdamW. Tokens are WikiText-2 train text when the local copy is there (else Zipf-drawn
+ids), with a full recurrence memory.
+
+Everything in one section is timed in interleaved rounds (median of ``--repeats``), so the ratios compare like
+with like on a shared machine. Prints one JSON line per figure, each with the target it answers to:
+  - ``matmul_fp32``: a 2048^3 ``torch.mm`` (the machine's reference throughput);
+  - ``layer_stack_{eval,train}_efficiency``: the layers' FLOPs by the model's own accounting (x3 for training)
+    per second over the matmul's (target >= 0.60); eval = one no-grad forward, train = forward + backward + AdamW;
+  - ``{eval,train}_tokens_per_s`` of the whole model (embedding, layers, adaptive softmax with targets), and
+    ``all_attention_vs_transformer_xl_{eval,train}`` (target >= 1.0);
+  - ``layer_stack_eval_speedup`` with 50% / 75% of every layer's heads removed (targets 1.95x / 3.6x),
+    ``model_eval_speedup`` at 50% against the FLOP-accounting ideal (target >= 95% of it), and
+    ``train_step_speedup_after_removal``: the training step of a model that removed half its heads in-run
+    (optimizer state sliced, as HeadPruning does) over the same model's step before the removal.
+
+    python experiments/benchmarks/throughput.py [--repeats 15] [--threads 2] [--sections efficiency,pruning]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from common import emit
+from timing import interleaved_medians, matmul_probe
+
+from lightning_modules.cpu_allocator import ALLOCATOR_MODES, configure_cpu_allocator
+from lightning_modules.model import MemoryTransformerLM
+from lightning_modules.slicing import slice_optimizer_state_
+
+W1 = dict(vocab_size=33278, cutoffs=[2000, 10000], div_value=4.0, n_layers=4, d_model=256, n_heads=8, d_head=32,
+          n_persistent=1024, d_inner=1024, tgt_len=64, mem_len=64, dropout=0.0, dropemb=0.0, dropatt=0.0,
+          max_len=128)
+BATCH = 8
+WORKLOAD = "W1"
+LAYER_TYPES = ("all_attention", "transformer_xl")
+WIKITEXT2 = Path(__file__).resolve().parents[3] / "shared" / "data" / "wikitext-2"
+
+
+def token_batch(data_dir: Path | None) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """Two consecutive segments' worth of inputs/targets [B, 2T]: real WikiText-2 text when available."""
+    T = W1["tgt_len"]
+    if data_dir is not None and (data_dir / "wiki.train.tokens").exists():
+        from datamodules.wikitext import WikiTextDataModule
+
+        dm = WikiTextDataModule(name="wikitext-2", data_dir=str(data_dir), batch_size=BATCH, tgt_len=2 * T)
+        dm.prepare_data()
+        dm.setup("fit")
+        if dm.vocab_size != W1["vocab_size"]:
+            raise SystemExit(f"{data_dir} has a vocabulary of {dm.vocab_size}, W1 needs {W1['vocab_size']}")
+        x, y = next(iter(dm.train_dataloader()))
+        return x, y, "WikiText-2 train"
+    gen = torch.Generator().manual_seed(0)
+    ranks = torch.arange(1, W1["vocab_size"] + 1, dtype=torch.float64)
+    ids = torch.multinomial(1 / ranks, BATCH * (2 * T + 1), replacement=True, generator=gen).view(BATCH, -1)
+    return ids[:, :-1], ids[:, 1:], "Zipf(1) ids"
+
+
+class Workload:
+    """One model on W1 with its optimizer, a segment, and the memory a previous segment left: callables that run
+    an eval forward or a training step of the whole model or of the layer stack alone."""
+
+    def __init__(self, model: MemoryTransformerLM, x: torch.Tensor, y: torch.Tensor) -> None:
+        T = W1["tgt_len"]
+        self.model = model
+        self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
+        self.x, self.y = x[:, T:], y[:, T:]
+        with torch.no_grad():
+            self.memory = model.eval()(x[:, :T], y[:, :T]).memory
+            self.h = model.embedding(self.x) * model.d_model**0.5  # the layer stack's input
+
+    def _stack(self) -> torch.Tensor:
+        pos_emb = self.model.pos_table[-(self.memory[0].size(1) + self.h.size(1)):]
+        h = self.h
+        for layer, mem in zip(self.model.layers, self.memory, strict=False):
+            h = layer(h, mem, pos_emb)
+        return h
+
+    def stack_eval(self) -> None:
+        with torch.no_grad():
+            self.model.eval()
+            self._stack()
+
+    def stack_train(self) -> None:
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._stack().square().mean().backward()
+        self.optimizer.step()
+
+    def model_eval(self) -> None:
+        with torch.no_grad():
+            self.model.eval()(self.x, self.y, memory=self.memory)
+
+    def model_train(self) -> None:
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model(self.x, self.y, memory=self.memory).nll.mean().backward()
+        self.optimizer.step()
+
+    def layer_flops(self, training: bool) -> int:
+        """FLOPs of one pass of the layer stack over the segment (2 per MAC; x3 for forward + backward)."""
+        return (6 if training else 2) * self.model.flops_per_token()["layers"] * self.x.numel()
+
+
+def build(layer_type: str, removed: float = 0.0) -> MemoryTransformerLM:
+    """The W1 model of ``layer_type`` (seed 0) with ``removed`` of every layer's heads physically pruned."""
+    torch.manual_seed(0)
+    model = MemoryTransformerLM(layer_type=layer_type, **W1)
+    drop = round(removed * W1["n_heads"])
+    if drop:
+        model.prune_heads({i: list(range(drop)) for i in range(W1["n_layers"])})
+    return model
+
+
+def efficiency(args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor, extra: dict) -> None:
+    """Layer-stack FLOP efficiency against the matmul, and whole-model tokens/s, both layer types."""
+    mm, mm_flops = matmul_probe(torch.device("cpu"))
+    loads = {lt: Workload(build(lt), x, y) for lt in LAYER_TYPES}
+    fns: dict[str, Callable] = {"mm": mm}
+    for lt, w in loads.items():
+        fns |= {f"{lt}/stack_eval": w.stack_eval, f"{lt}/stack_train": w.stack_train,
+                f"{lt}/model_eval": w.model_eval, f"{lt}/model_train": w.model_train}
+    t = interleaved_medians(fns, args.repeats)
+    peak = mm_flops / t["mm"]
+    emit(WORKLOAD, "matmul_fp32", round(peak / 1e9, 1), "GFLOP/s", **extra)
+    tokens = x.size(0) * W1["tgt_len"]
+    for lt, w in loads.items():
+        for mode in ("eval", "train"):
+            seconds = t[f"{lt}/stack_{mode}"]
+            emit(WORKLOAD, f"layer_stack_{mode}_efficiency", round(w.layer_flops(mode == "train") / seconds / peak, 3),
+                 "fraction of matmul FLOP/s", layer_type=lt, ms=round(1e3 * seconds, 2), target=0.60, **extra)
+            emit(WORKLOAD, f"{mode}_tokens_per_s", round(tokens / t[f"{lt}/model_{mode}"]), "tokens/s",
+                 layer_type=lt, ms=round(1e3 * t[f"{lt}/model_{mode}"], 2), **extra)
+    for mode in ("eval", "train"):
+        ratio = t[f"transformer_xl/model_{mode}"] / t[f"all_attention/model_{mode}"]
+        emit(WORKLOAD, f"all_attention_vs_transformer_xl_{mode}", round(ratio, 3), "x (tokens/s ratio)",
+             target=1.0, **extra)
+
+
+def removal_in_run(x: torch.Tensor, y: torch.Tensor, layer_type: str, removed: float) -> Workload:
+    """A trained-for-a-few-steps dense model that then removes heads in place, slicing AdamW's moments."""
+    w = Workload(build(layer_type), x, y)
+    for _ in range(2):
+        w.model_train()
+    drop = round(removed * W1["n_heads"])
+    slices = w.model.prune_heads({i: list(range(drop)) for i in range(W1["n_layers"])})
+    slice_optimizer_state_(w.optimizer, slices)
+    return w
+
+
+def pruning(args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor, extra: dict) -> None:
+    """Speed-ups of physically pruned models over the dense one, against the FLOP-accounting ideal."""
+    for lt in LAYER_TYPES:
+        dense = Workload(build(lt), x, y)
+        pruned = {r: Workload(build(lt, r), x, y) for r in (0.5, 0.75)}
+        before = Workload(copy.deepcopy(dense.model), x, y)
+        for _ in range(2):
+            before.model_train()
+        after = removal_in_run(x, y, lt, 0.5)
+        fns: dict[str, Callable] = {"dense/stack": dense.stack_eval, "dense/model": dense.model_eval,
+                                    "before/train": before.model_train, "after/train": after.model_train}
+        for r, w in pruned.items():
+            fns |= {f"{r}/stack": w.stack_eval, f"{r}/model": w.model_eval}
+        t = interleaved_medians(fns, args.repeats)
+        flops_dense, targets = dense.model.flops_per_token(), {0.5: 1.95, 0.75: 3.6}
+        for r, w in pruned.items():
+            flops = w.model.flops_per_token()
+            common = dict(layer_type=lt, heads_removed=r, **extra)
+            emit(WORKLOAD, "layer_stack_eval_speedup", round(t["dense/stack"] / t[f"{r}/stack"], 3), "x",
+                 ideal=round(flops_dense["layers"] / flops["layers"], 3), target=targets[r],
+                 dense_ms=round(1e3 * t["dense/stack"], 2), pruned_ms=round(1e3 * t[f"{r}/stack"], 2), **common)
+            if r == 0.5:
+                # eval with targets pays the layers and the softmax head; tails only for tail-cluster targets
+                ideal = ((flops_dense["layers"] + flops_dense["softmax_head"])
+                         / (flops["layers"] + flops["softmax_head"]))
+                speedup = t["dense/model"] / t[f"{r}/model"]
+                emit(WORKLOAD, "model_eval_speedup", round(speedup, 3), "x", ideal=round(ideal, 3),
+                     fraction_of_ideal=round(speedup / ideal, 3), target="0.95 of ideal",
+                     dense_ms=round(1e3 * t["dense/model"], 2), pruned_ms=round(1e3 * t[f"{r}/model"], 2), **common)
+        ideal_train = flops_dense["total"] / after.model.flops_per_token()["total"]
+        emit(WORKLOAD, "train_step_speedup_after_removal", round(t["before/train"] / t["after/train"], 3), "x",
+             ideal=round(ideal_train, 3), before_ms=round(1e3 * t["before/train"], 2),
+             after_ms=round(1e3 * t["after/train"], 2), layer_type=lt, heads_removed=0.5, **extra)
+
+
+SECTIONS = {"efficiency": efficiency, "pruning": pruning}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=15, help="timed rounds per section (medians)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (W1: 2)")
+    parser.add_argument("--data", type=Path, default=WIKITEXT2, help="WikiText-2 folder (else Zipf-drawn ids)")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, of {list(SECTIONS)}")
+    parser.add_argument("--cpu-allocator", choices=ALLOCATOR_MODES, default="retain",
+                        help="glibc allocator setting, as `headprune --cpu_allocator` (default: retain freed memory)")
+    args = parser.parse_args()
+    configure_cpu_allocator(args.cpu_allocator)
+    torch.set_num_threads(args.threads)
+    x, y, source = token_batch(args.data)
+    extra = {"threads": torch.get_num_threads(), "tokens": source, "cpu_allocator": args.cpu_allocator}
+    for name in args.sections.split(","):
+        if name not in SECTIONS:
+            raise SystemExit(f"unknown section {name!r}; choose from {list(SECTIONS)}")
+        SECTIONS[name](args, x, y, extra)
+
+
+if __name__ == "__main__":
+    main()
