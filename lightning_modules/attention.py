@@ -210,11 +210,11 @@ class RelativeMultiHeadAttention(nn.Module):
         q = rearrange(q, "b t (h d) -> h b t d", h=H).contiguous()
         k, v = rearrange(kv, "b s (two h d) -> two h b s d", two=2, h=H).contiguous()  # (H, B, S, D) each
         # position logits against [0; r]: the leading zero column is the pad of rel_shift, computed for free
-        r_padded = F.pad(r, (0, 0, 1, 0))  # (H, S+1, D)
-        q_pos = ((q + self.position_bias[:, None, None]) * scale).view(H, B * T, D)
+        r_padded = F.pad(r, (0, 0, 1, 0)).to(q.dtype)  # (H, S+1, D)
+        q_pos = ((q + self.position_bias[:, None, None]) * scale).to(q.dtype).view(H, B * T, D)
         pos = rel_shift_padded(torch.bmm(q_pos, r_padded.mT).view(H * B, T, S + 1))  # (H*B, T, S), a view
         position = _at_least_fp32(pos.view(H, B, T, S)).masked_fill(blocked, float("-inf"))  # (H, B, T, S)
-        q_content = (q + self.content_bias[:, None, None]) * scale
+        q_content = ((q + self.content_bias[:, None, None]) * scale).to(q.dtype)  # autocast: biases are fp32
         persistent_k = persistent_v = None
         if self.n_persistent > 0:
             persistent_k = self.persistent_k.to(q.dtype)  # logit q·K_n: the stored key's sqrt(D) cancels 1/sqrt(D)

@@ -62,6 +62,8 @@ class LanguageModel(pl.LightningModule):
             (checkpoints already written are the last good ones); ``skip`` drops that batch's update on every
             rank (no backward; Lightning still counts the step, so schedules move on), resets the recurrence
             memory and counts it in ``train/skipped_steps``.
+        compile: Compile each layer with ``torch.compile`` (opt-in; its measured effect is in the README's
+            Performance section). A physical head removal drops the compiled graphs and the next step recompiles.
 
     Pruning hooks: ``regularizer`` (set by the ``HeadPruning`` callback) is added to the training loss; every
     checkpoint records the head layout, and ``on_load_checkpoint`` shrinks a freshly built model to it before the
@@ -82,6 +84,7 @@ class LanguageModel(pl.LightningModule):
         gate_lr_factor: float = 10.0,
         init_from: str | None = None,
         on_nonfinite_loss: Literal["stop", "skip"] = "stop",
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if warmup_steps < 0 or not 0 <= min_lr_ratio <= 1 or (decay_steps is not None and decay_steps < 1):
@@ -108,6 +111,8 @@ class LanguageModel(pl.LightningModule):
         if on_nonfinite_loss not in ("stop", "skip"):
             raise ValueError(f"on_nonfinite_loss must be 'stop' or 'skip'; got {on_nonfinite_loss!r}")
         self.on_nonfinite_loss, self.skipped_steps = on_nonfinite_loss, 0
+        if compile:
+            model.compile_layers()
 
     def forward(self, input_ids: torch.Tensor, memory: list[torch.Tensor] | None = None):
         """Log-probabilities of the next token at every position (and the new memory)."""

@@ -143,6 +143,7 @@ class MemoryTransformerLM(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.output_scaling = output_scaling
         self._gates_enabled = False
+        self._layers_compiled = False
         self._refresh_requires_grad()
         self.drop_out = nn.Dropout(dropout_out)
         self.softmax = AdaptiveSoftmax(self.embedding)  # tied to the embedding (PAPER 1.4)
@@ -303,6 +304,19 @@ class MemoryTransformerLM(nn.Module):
         for layer in self.layers:
             layer.attn.impl = impl
 
+    def compile_layers(self, **options: Any) -> None:
+        """Compile every layer's forward with ``torch.compile`` (lazily, at its first call; ``options`` go to
+        torch.compile). Per layer rather than the whole model: the adaptive softmax routes tokens by cluster, which
+        gives data-dependent shapes. Parameter names do not change, so checkpoints are the same as without it."""
+        for layer in self.layers:
+            layer.compile(**options)
+        self._layers_compiled = True
+
+    @property
+    def layers_compiled(self) -> bool:
+        """Whether ``compile_layers`` was called."""
+        return self._layers_compiled
+
     # ------------------------------------------------------------------------------------------- pruning API
 
     @property
@@ -395,6 +409,10 @@ class MemoryTransformerLM(nn.Module):
             keep_t = torch.tensor(keep, dtype=torch.long)
             slices += layer.select_heads_(keep_t, self._folded_scale(layer, keep_t))
         self._refresh_requires_grad()
+        if plan and self._layers_compiled:
+            # graphs traced for the old head counts are useless now; dropping them lets the next call recompile
+            # from scratch instead of piling up guard failures until torch.compile's recompile limit
+            torch.compiler.reset()
         return slices
 
     def _folded_scale(self, layer: AllAttentionLayer | TransformerXLLayer, keep: Tensor) -> float:

@@ -57,7 +57,7 @@ def test_rel_shift_picks_the_row_of_each_relative_distance():
             assert S - 1 - relative_index(T, S)[i, j].item() == (S - T + i) - j
 
 
-@pytest.mark.parametrize("impl", ["sdpa", "reference"])
+@pytest.mark.parametrize("impl", ["joint", "sdpa", "reference"])
 def test_head_scale_none_is_bit_identical_and_zero_equals_slicing_the_head_out(impl):
     torch.manual_seed(0)
     d, H, D, N = 16, 3, 4, 5
@@ -87,9 +87,10 @@ def test_head_scale_none_is_bit_identical_and_zero_equals_slicing_the_head_out(i
 # ------------------------------------------------------------------------------------------- model paths
 
 
+@pytest.mark.parametrize("fast", ["joint", "sdpa"])
 @pytest.mark.parametrize("same_length", [True, False])
 @pytest.mark.parametrize("layer_type", LAYER_TYPES)
-def test_sdpa_path_equals_reference_path_forward_and_gradients(layer_type, same_length):
+def test_fast_paths_equal_reference_path_forward_and_gradients(layer_type, same_length, fast):
     torch.manual_seed(0)
     model = small_model(layer_type=layer_type, same_length=same_length).double()
     randomize_(model, std=0.1)
@@ -97,7 +98,7 @@ def test_sdpa_path_equals_reference_path_forward_and_gradients(layer_type, same_
     memory = [torch.randn(3, 8, 32, dtype=torch.double) for _ in range(3)]
 
     results = {}
-    for impl in ("sdpa", "reference"):
+    for impl in (fast, "reference"):
         model.set_attn_impl(impl)
         model.zero_grad()
         out = model(x, target_ids=y, memory=memory)
@@ -106,7 +107,7 @@ def test_sdpa_path_equals_reference_path_forward_and_gradients(layer_type, same_
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         results[impl] = (out.nll, full.log_probs, out.memory, grads)
 
-    (nll_a, lp_a, mem_a, g_a), (nll_b, lp_b, mem_b, g_b) = results["sdpa"], results["reference"]
+    (nll_a, lp_a, mem_a, g_a), (nll_b, lp_b, mem_b, g_b) = results[fast], results["reference"]
     torch.testing.assert_close(nll_a, nll_b, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(lp_a, lp_b, rtol=1e-10, atol=1e-10)
     for a, b in zip(mem_a, mem_b, strict=True):
@@ -116,7 +117,7 @@ def test_sdpa_path_equals_reference_path_forward_and_gradients(layer_type, same_
         torch.testing.assert_close(g_a[name], g_b[name], rtol=1e-8, atol=1e-10, msg=name)
 
 
-@pytest.mark.parametrize("impl", ["sdpa", "reference"])
+@pytest.mark.parametrize("impl", ["joint", "sdpa", "reference"])
 @pytest.mark.parametrize("layer_type", LAYER_TYPES)
 def test_changing_future_tokens_leaves_earlier_predictions_unchanged(layer_type, impl):
     torch.manual_seed(0)

@@ -1,0 +1,81 @@
+"""Effect of the opt-in ``torch.compile`` of the layers (``LanguageModel(compile=True)``) on workload W1.
+
+For each layer type, an eager and a compiled copy of the same W1 model are timed side by side (interleaved
+medians): the whole model's eval forward and training step, before and after an in-run removal of half the
+heads of every layer (AdamW state sliced, as HeadPruning does). Also printed: the seconds the first compiled
+calls take (compilation), and the recompilation after the removal, which ``prune_heads`` triggers by dropping
+the graphs of the old shapes.
+
+    python experiments/benchmarks/compile_effect.py [--repeats 9] [--threads 2] [--layer-types all_attention]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import torch
+from common import emit
+from throughput import W1, WIKITEXT2, WORKLOAD, Workload, build, token_batch
+from timing import interleaved_medians
+
+from lightning_modules.cpu_allocator import ALLOCATOR_MODES, configure_cpu_allocator
+from lightning_modules.slicing import slice_optimizer_state_
+
+
+def seconds(fn) -> float:
+    """Wall time of one call."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def remove_half(w: Workload) -> None:
+    """Remove the first half of every layer's heads in place and slice the optimizer state."""
+    drop = W1["n_heads"] // 2
+    slices = w.model.prune_heads({i: list(range(drop)) for i in range(W1["n_layers"])})
+    slice_optimizer_state_(w.optimizer, slices)
+
+
+def compare(layer_type: str, args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor, extra: dict) -> None:
+    """Eager vs compiled, before and after the removal."""
+    model = build(layer_type)
+    eager = Workload(model, x, y)
+    compiled_model = copy.deepcopy(model)
+    compiled_model.compile_layers()
+    compiled = Workload(compiled_model, x, y)  # its memory comes from a first (compiling) eval forward
+    common = dict(layer_type=layer_type, **extra)
+    emit(WORKLOAD, "compile_seconds_first_train_step", round(seconds(compiled.model_train), 2), "s", **common)
+    for stage in ("dense", "after_removal"):
+        if stage == "after_removal":
+            remove_half(eager)
+            remove_half(compiled)
+            emit(WORKLOAD, "recompile_seconds_after_removal",
+                 round(seconds(compiled.model_train) + seconds(compiled.model_eval), 2), "s", **common)
+        t = interleaved_medians({"eager/eval": eager.model_eval, "compiled/eval": compiled.model_eval,
+                                 "eager/train": eager.model_train, "compiled/train": compiled.model_train},
+                                args.repeats)
+        for mode in ("eval", "train"):
+            emit(WORKLOAD, f"compile_speedup_{mode}", round(t[f"eager/{mode}"] / t[f"compiled/{mode}"], 3), "x",
+                 heads=stage, eager_ms=round(1e3 * t[f"eager/{mode}"], 2),
+                 compiled_ms=round(1e3 * t[f"compiled/{mode}"], 2), **common)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--layer-types", default="all_attention,transformer_xl")
+    parser.add_argument("--cpu-allocator", choices=ALLOCATOR_MODES, default="retain")
+    args = parser.parse_args()
+    configure_cpu_allocator(args.cpu_allocator)
+    torch.set_num_threads(args.threads)
+    x, y, source = token_batch(WIKITEXT2)
+    extra = {"threads": torch.get_num_threads(), "tokens": source, "torch": torch.__version__}
+    for layer_type in args.layer_types.split(","):
+        compare(layer_type, args, x, y, extra)
+
+
+if __name__ == "__main__":
+    main()
