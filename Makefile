@@ -14,7 +14,7 @@ SCALE ?= wt2-cpu
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.headprune-installed
 
-.PHONY: install test test-all lint demo compare report bench-data bench-prune clean
+.PHONY: install test test-all lint demo compare report bench bench-throughput bench-compile bench-data bench-prune clean
 
 install: $(STAMP)
 
@@ -47,6 +47,17 @@ compare: install
 # regenerate the table and plots of every finished run under $(RUNS)
 report: install
 	$(BIN)/python -m experiments.report $(RUNS)
+
+# every speed benchmark, one JSON line per figure (workload, metric, value, unit, hardware); about 15 min on 2 cores
+bench: bench-throughput bench-compile bench-prune bench-data
+
+# W1: layer-stack FLOP efficiency vs torch.mm, All-attention vs Transformer-XL tokens/s, pruned speed-ups
+bench-throughput: install
+	$(BIN)/python experiments/benchmarks/throughput.py
+
+# the opt-in torch.compile of the layers, before and after an in-run head removal
+bench-compile: install
+	$(BIN)/python experiments/benchmarks/compile_effect.py
 
 bench-data: install
 	$(BIN)/python experiments/benchmarks/data_prep.py

@@ -4,7 +4,8 @@ For the paper's layer shapes (d 512, 8 heads of 64, N 2048 persistent vectors or
 memory of 192), removes 0/25/50/75% of the heads of every layer with ``prune_heads`` and times, in the same run:
   - eval latency: one no-grad forward of the layer stack over a segment with full memory;
   - training step: forward + backward + AdamW step of the same stack.
-Each figure is the median over ``--repeats`` timed runs after ``--warmup`` untimed ones. Printed next to each
+Each figure is the median over ``--repeats`` timed rounds after ``--warmup`` untimed ones, every pruning level timed
+in each round (interleaved), so slow drifts of a shared machine hit them alike. Printed next to each
 speed-up is the ideal one, the ratio of the layers' multiply-accumulates (the model's own FLOP accounting) and of
 their parameters. Only the layer stack is timed: embeddings and the adaptive softmax do not change with pruning.
 One JSON line per figure. Not a test: figures vary by machine.
@@ -15,12 +16,12 @@ One JSON line per figure. Not a test: figures vary by machine.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 from common import emit
+from timing import interleaved_medians
 
+from lightning_modules.cpu_allocator import ALLOCATOR_MODES, configure_cpu_allocator
 from lightning_modules.model import MemoryTransformerLM
 
 PAPER_SHAPES = dict(d_model=512, n_heads=8, d_head=64, n_persistent=2048, d_inner=2048, tgt_len=192, mem_len=192,
@@ -46,49 +47,29 @@ def run_stack(model: MemoryTransformerLM, h: torch.Tensor, memory: list[torch.Te
     return h
 
 
-def median_seconds(fn, warmup: int, repeats: int, device: torch.device) -> float:
-    """Median wall time of ``fn()`` over ``repeats`` runs after ``warmup`` untimed runs."""
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+class Stack:
+    """One pruned stack with its optimizer and inputs: callables for an eval forward and a training step."""
 
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    def __init__(self, layer_type: str, removed: float, args: argparse.Namespace, device: torch.device) -> None:
+        self.model = build(layer_type, args.layers, removed, device)
+        d, T, M = PAPER_SHAPES["d_model"], PAPER_SHAPES["tgt_len"], PAPER_SHAPES["mem_len"]
+        gen = torch.Generator(device="cpu").manual_seed(1)
+        self.h = torch.randn(args.batch, T, d, generator=gen).to(device)
+        self.memory = [torch.randn(args.batch, M, d, generator=gen).to(device) for _ in range(args.layers)]
+        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-4,
+                                           fused=True)
+        self.macs = self.model.flops_per_token()["layers"]
+        self.params = self.model.num_parameters(include_embeddings=False)
 
-
-def measure(layer_type: str, removed: float, args: argparse.Namespace, device: torch.device) -> dict[str, float]:
-    """Eval and training-step seconds, layer MACs per token and layer parameters of one pruned stack."""
-    model = build(layer_type, args.layers, removed, device)
-    d, T, M = PAPER_SHAPES["d_model"], PAPER_SHAPES["tgt_len"], PAPER_SHAPES["mem_len"]
-    gen = torch.Generator(device="cpu").manual_seed(1)
-    h = torch.randn(args.batch, T, d, generator=gen).to(device)
-    memory = [torch.randn(args.batch, M, d, generator=gen).to(device) for _ in range(args.layers)]
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-
-    def eval_step() -> None:
+    def eval_step(self) -> None:
         with torch.no_grad():
-            run_stack(model.eval(), h, memory)
+            run_stack(self.model.eval(), self.h, self.memory)
 
-    def train_step() -> None:
-        model.train()
-        optimizer.zero_grad(set_to_none=True)
-        run_stack(model, h, memory).square().mean().backward()
-        optimizer.step()
-
-    return {
-        "eval_s": median_seconds(eval_step, args.warmup, args.repeats, device),
-        "train_s": median_seconds(train_step, args.warmup, args.repeats, device),
-        "macs": model.flops_per_token()["layers"],
-        "params": model.num_parameters(include_embeddings=False),
-    }
+    def train_step(self) -> None:
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        run_stack(self.model, self.h, self.memory).square().mean().backward()
+        self.optimizer.step()
 
 
 def main() -> None:
@@ -99,26 +80,30 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--cpu-allocator", choices=ALLOCATOR_MODES, default="retain")
     args = parser.parse_args()
+    configure_cpu_allocator(args.cpu_allocator)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     workload = (f"paper layer shapes x{args.layers} layers, batch {args.batch}, segment 192 + memory 192, fp32, "
                 f"{device.type}, {torch.get_num_threads()} threads")
     for layer_type in ("all_attention", "transformer_xl"):
-        dense = measure(layer_type, 0.0, args, device)
-        for removed in REMOVED_FRACTIONS[1:]:
-            pruned = measure(layer_type, removed, args, device)
+        stacks = {removed: Stack(layer_type, removed, args, device) for removed in REMOVED_FRACTIONS}
+        fns = {}
+        for removed, stack in stacks.items():
+            fns |= {(removed, "eval"): stack.eval_step, (removed, "train"): stack.train_step}
+        t = interleaved_medians(fns, args.repeats, args.warmup, device)
+        dense = stacks[0.0]
+        for removed, pruned in list(stacks.items())[1:]:
             common = {"layer_type": layer_type, "heads_removed": removed}
-            emit(workload, "eval_speedup", round(dense["eval_s"] / pruned["eval_s"], 3), "x", **common,
-                 ideal=round(dense["macs"] / pruned["macs"], 3),
-                 dense_ms=round(1e3 * dense["eval_s"], 2), pruned_ms=round(1e3 * pruned["eval_s"], 2))
-            emit(workload, "train_step_speedup", round(dense["train_s"] / pruned["train_s"], 3), "x", **common,
-                 ideal=round(dense["macs"] / pruned["macs"], 3),
-                 dense_ms=round(1e3 * dense["train_s"], 2), pruned_ms=round(1e3 * pruned["train_s"], 2))
-            emit(workload, "parameter_ratio", round(dense["params"] / pruned["params"], 3), "x", **common,
-                 dense=dense["params"], pruned=pruned["params"])
-
+            ideal = round(dense.macs / pruned.macs, 3)
+            for mode in ("eval", "train"):
+                dense_s, pruned_s = t[(0.0, mode)], t[(removed, mode)]
+                emit(workload, "eval_speedup" if mode == "eval" else "train_step_speedup", round(dense_s / pruned_s, 3),
+                     "x", **common, ideal=ideal, dense_ms=round(1e3 * dense_s, 2), pruned_ms=round(1e3 * pruned_s, 2))
+            emit(workload, "parameter_ratio", round(dense.params / pruned.params, 3), "x", **common,
+                 dense=dense.params, pruned=pruned.params)
 
 if __name__ == "__main__":
     main()
