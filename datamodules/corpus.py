@@ -5,8 +5,10 @@ streamed) or a local folder of ``wiki.{train,valid,test}.tokens`` files read by 
 paths share every line of the encoder. Tokenisation is the paper's: split each line on whitespace and append one
 end-of-line token, blank lines included.
 
-Splitting, counting and the word -> id lookup run as Arrow compute kernels over batches of lines (C++), not as a
-Python loop per word: that is what makes WikiText-103 (103M tokens) take minutes rather than an hour on 2 cores.
+Nothing runs a Python loop per word. A batch of lines is cut into words at the byte level with numpy (a word and
+the whitespace after it make one entry, and each line end one entry of whitespace only), Arrow dictionary-encodes
+the entries, so each word is hashed once, and the word -> id lookup is a numpy index into the ids of the distinct
+entries. Batches are encoded on a few threads at once (both libraries release the GIL).
 
 The cache holds, per dataset source, ``vocab.txt`` and one ``{split}-{vocab hash}.u32`` file of little-endian
 uint32 ids per split, each with a JSON manifest written after the data. A file is only ever renamed into place
@@ -19,11 +21,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Iterable, Iterator
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -34,6 +40,8 @@ from datamodules.atomic import atomic_file, atomic_write_bytes
 from datamodules.vocab import Vocabulary
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+R = TypeVar("R")
 
 HUB_REPO = "Salesforce/wikitext"
 HUB_CONFIGS = {"wikitext-103": "wikitext-103-v1", "wikitext-2": "wikitext-2-v1"}
@@ -42,57 +50,176 @@ _HUB_SPLITS = {"train": "train", "valid": "validation", "test": "test"}
 CACHE_FORMAT_VERSION = 1
 LINES_PER_BATCH = 100_000
 TOKEN_DTYPE = np.dtype("<u4")
+MAX_WORKERS = 4  # threads that encode batches of lines at once (at most the usable cores)
+
+# The characters str.split() splits on (str.isspace()); a test checks the list against Python's.
+WHITESPACE = ("\t\n\v\f\r\x1c\x1d\x1e\x1f \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B)))
+              + "\u2028\u2029\u202f\u205f\u3000")
+_ASCII_WHITESPACE = np.zeros(256, dtype=bool)
+_ASCII_WHITESPACE[[ord(c) for c in WHITESPACE if c.isascii()]] = True
+_WIDE_WHITESPACE = np.array([ord(c) for c in WHITESPACE if not c.isascii()])
+_WIDE_WHITESPACE_LEADS = np.array(sorted({c.encode()[0] for c in WHITESPACE if not c.isascii()}), dtype=np.uint8)
+# The fast test takes a byte for whitespace iff it is <= 0x20, which misreads these characters: the other control
+# characters and the whitespace beyond ASCII. A batch holding any of them is cut again with the exact test.
+_FAST_MISREADS = [c for c in map(chr, range(0x21)) if c not in WHITESPACE] + [c for c in WHITESPACE if c > " "]
+_FAST_MISREAD_PATTERN = "[" + "".join(f"\\x{{{ord(c):x}}}" for c in _FAST_MISREADS) + "]"
 
 
-def split_words(lines: pa.Array) -> tuple[pa.Array, np.ndarray]:
-    """Whitespace-splits a batch of lines: (every word in order, number of words on each line)."""
-    pieces = pc.utf8_split_whitespace(lines)
-    words = pc.list_flatten(pieces)
-    line_of_word = pc.list_parent_indices(pieces)
-    # Arrow keeps an empty piece for leading/trailing whitespace; str.split() does not.
-    nonempty = pc.greater(pc.binary_length(words), 0)
-    words_per_line = np.bincount(line_of_word.filter(nonempty).to_numpy(), minlength=len(lines))
-    return words.filter(nonempty), words_per_line
+def _fast_whitespace(data: np.ndarray) -> np.ndarray:
+    """Which bytes of UTF-8 ``data`` are whitespace, exact for text without a misread character."""
+    return data <= 0x20
 
 
-def with_end_of_lines(word_ids: np.ndarray, words_per_line: np.ndarray, eos_id: int) -> np.ndarray:
-    """The ids of a batch of lines: each line's word ids followed by one end-of-line id."""
-    out = np.empty(len(word_ids) + len(words_per_line), dtype=TOKEN_DTYPE)
-    line_of_word = np.repeat(np.arange(len(words_per_line)), words_per_line)
-    out[np.arange(len(word_ids)) + line_of_word] = word_ids  # word k of line j lands at k + j
-    out[np.cumsum(words_per_line + 1) - 1] = eos_id
-    return out
+def _exact_whitespace(data: np.ndarray) -> np.ndarray:
+    """Which bytes of UTF-8 ``data`` belong to a whitespace character, as ``str.split()`` has it."""
+    whitespace = _ASCII_WHITESPACE[data]
+    leads = np.flatnonzero(np.isin(data, _WIDE_WHITESPACE_LEADS))
+    if len(leads) == 0:
+        return whitespace
+    last = len(data) - 1  # valid UTF-8: a lead byte is followed by all its continuation bytes
+    b0, b1, b2 = (data[np.minimum(leads + k, last)].astype(np.int32) for k in range(3))
+    three_bytes = b0 >= 0xE0
+    code_points = np.where(three_bytes, ((b0 & 0x0F) << 12) | ((b1 & 0x3F) << 6) | (b2 & 0x3F),
+                           ((b0 & 0x1F) << 6) | (b1 & 0x3F))
+    hit = np.isin(code_points, _WIDE_WHITESPACE)
+    whitespace[leads[hit]] = whitespace[leads[hit] + 1] = True
+    whitespace[leads[hit & three_bytes] + 2] = True
+    return whitespace
+
+
+def _entry_starts(whitespace: np.ndarray, line_ends: np.ndarray) -> np.ndarray:
+    """Where the entries of a batch start: at every word, and at every line end (that line's end-of-line entry,
+    which comes before a word starting at the same byte). The first starts at 0, taking in leading whitespace."""
+    starts = np.flatnonzero(whitespace[:-1] > whitespace[1:]) + 1
+    if len(whitespace) and not whitespace[0]:
+        starts = np.concatenate([[0], starts])
+    # a line that starts with a word right after a line that ended with one: no whitespace marks that start
+    inner = line_ends[:-1][(line_ends[:-1] > 0) & (line_ends[:-1] < len(whitespace))]
+    joined = inner[~whitespace[inner - 1] & ~whitespace[inner]]
+    if len(joined):
+        starts = np.union1d(starts, joined)
+    starts = np.insert(starts, np.searchsorted(starts, line_ends), line_ends)
+    starts[0] = 0
+    return starts
+
+
+def _line_entries(lines: pa.Array, is_whitespace: Callable[[np.ndarray], np.ndarray]) -> pa.Array:
+    """The lines cut into entries without copying their text: each word with the whitespace after it, and after
+    each line's last word one entry of whitespace only (often empty) that stands for the end of the line."""
+    offset_type = np.int64 if pa.types.is_large_string(lines.type) else np.int32
+    _, offsets_buffer, data_buffer = lines.buffers()
+    offsets = np.frombuffer(offsets_buffer, dtype=offset_type)[lines.offset:lines.offset + len(lines) + 1]
+    base = int(offsets[0])
+    data_buffer = data_buffer if data_buffer is not None else pa.py_buffer(b"")
+    data = np.frombuffer(data_buffer, dtype=np.uint8)[base:int(offsets[-1])]
+    starts = _entry_starts(is_whitespace(data), offsets[1:] - base)
+    entry_offsets = np.append(starts, len(data)).astype(offset_type) + offset_type(base)
+    return pa.Array.from_buffers(lines.type, len(starts), [None, pa.py_buffer(entry_offsets), data_buffer])
+
+
+def _plain_strings(lines: pa.Array) -> pa.Array:
+    """``lines`` as a string or large-string array without nulls (a null line counts as an empty one)."""
+    if not (pa.types.is_string(lines.type) or pa.types.is_large_string(lines.type)):
+        lines = lines.cast(pa.large_string())
+    return lines.fill_null("") if lines.null_count else lines
+
+
+def dictionary_encode_lines(lines: pa.Array) -> tuple[pa.Array, np.ndarray]:
+    """A batch of lines as dictionary-encoded entries: (the distinct entries, the index of each entry in order).
+
+    The entries are each word with the whitespace after it and, after each line's words, one entry of whitespace
+    only for the line end; :func:`entry_words` turns them into ``str.split()``'s words, and line ends into ``""``.
+    Cutting at bytes and hashing each entry once is what keeps the encoder free of per-word Python.
+    """
+    lines = _plain_strings(lines)
+    if len(lines) == 0:
+        return pa.array([], type=lines.type), np.empty(0, dtype=np.int32)
+    encoded = pc.dictionary_encode(_line_entries(lines, _fast_whitespace))
+    if pc.any(pc.match_substring_regex(encoded.dictionary, _FAST_MISREAD_PATTERN)).as_py():
+        encoded = pc.dictionary_encode(_line_entries(lines, _exact_whitespace))
+    return encoded.dictionary, encoded.indices.to_numpy(zero_copy_only=False)
+
+
+def entry_words(entries: pa.Array) -> pa.Array:
+    """The word of each entry of :func:`dictionary_encode_lines`: ``""`` for a line end."""
+    return pc.utf8_trim(entries, characters=WHITESPACE)
+
+
+def _word_ids(words: pa.Array, vocab: Vocabulary) -> np.ndarray:
+    """The id of each word (``<unk>``'s if unknown); the empty word, a line end, gets the end-of-line id."""
+    ids = pc.index_in(words, value_set=vocab.arrow_tokens).fill_null(vocab.unk_id)
+    ids = ids.to_numpy(zero_copy_only=False).astype(TOKEN_DTYPE)
+    ids[pc.binary_length(words).to_numpy(zero_copy_only=False) == 0] = vocab.eos_id
+    return ids
 
 
 def encode_lines(lines: pa.Array, vocab: Vocabulary) -> np.ndarray:
     """Token ids of a batch of lines, one end-of-line id after each line; unknown words map to ``<unk>``."""
-    words, words_per_line = split_words(lines)
-    ids = pc.index_in(words, value_set=vocab.arrow_tokens).fill_null(vocab.unk_id)
-    return with_end_of_lines(ids.to_numpy(zero_copy_only=False), words_per_line, vocab.eos_id)
+    entries, indices = dictionary_encode_lines(lines)
+    return _word_ids(entry_words(entries), vocab)[indices]
+
+
+def _count_entries(lines: pa.Array) -> tuple[pa.Array, np.ndarray, np.ndarray]:
+    """:func:`dictionary_encode_lines`, plus how often each distinct entry occurs."""
+    entries, indices = dictionary_encode_lines(lines)
+    return entries, indices, np.bincount(indices, minlength=len(entries))
 
 
 def build_vocabulary_and_encode(line_batches: Iterable[pa.Array]) -> tuple[Vocabulary, Iterator[np.ndarray]]:
     """One pass over the train split for both its vocabulary and its ids: each word is hashed once.
 
-    Every batch is dictionary-encoded, the batch dictionaries are unified, the frequencies are a bincount of
-    the indices, and the ids are the indices remapped to the frequency-sorted vocabulary.
+    Each batch is dictionary-encoded on its own (a few at a time, on threads); the batch dictionaries are merged
+    into the distinct words, whose summed counts give the vocabulary, and a batch's ids are its indices looked up
+    in the ids of its dictionary's words.
     """
-    encoded, words_per_line = [], []
-    for lines in line_batches:
-        words, per_line = split_words(lines)
-        encoded.append(pc.dictionary_encode(words))
-        words_per_line.append(per_line)
-    if not encoded:
+    batches = list(_map_in_threads(_count_entries, line_batches))
+    if not batches:
         return Vocabulary.from_counts([], []), iter(())
-    unified = pa.chunked_array(encoded).unify_dictionaries()
-    dictionary = unified.chunk(0).dictionary
-    indices = [chunk.indices.to_numpy(zero_copy_only=False) for chunk in unified.chunks]
-    counts = sum(np.bincount(ix, minlength=len(dictionary)) for ix in indices)
-    vocab = Vocabulary.from_counts(dictionary.to_pylist(), counts.tolist())
-    to_vocab = pc.index_in(dictionary, value_set=vocab.arrow_tokens).to_numpy(zero_copy_only=False)
-    ids = (with_end_of_lines(to_vocab[ix], per_line, vocab.eos_id)
-           for ix, per_line in zip(indices, words_per_line, strict=True))
-    return vocab, ids
+    all_entries = pa.concat_arrays([entries.cast(pa.large_string()) for entries, _, _ in batches])
+    merged = pc.dictionary_encode(entry_words(all_entries))
+    words, word_of_entry = merged.dictionary, merged.indices.to_numpy(zero_copy_only=False)
+    # float weights are exact for counts below 2**53
+    counts = np.bincount(word_of_entry, weights=np.concatenate([c for _, _, c in batches]), minlength=len(words))
+    is_word = pc.binary_length(words).to_numpy(zero_copy_only=False) > 0  # the rest is "", the line end
+    vocab = Vocabulary.from_counts(words.filter(pa.array(is_word)).to_pylist(),
+                                   counts[is_word].astype(np.int64).tolist())
+    ids_of_entries = _word_ids(words, vocab)[word_of_entry]
+    batch_ends = np.cumsum([len(entries) for entries, _, _ in batches])[:-1]
+    tables = zip(np.split(ids_of_entries, batch_ends), (indices for _, indices, _ in batches), strict=True)
+    return vocab, _map_in_threads(_look_up, tables)
+
+
+def _look_up(table_and_indices: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    table, indices = table_and_indices
+    return table[indices]
+
+
+def _worker_count() -> int:
+    """The cores this process may use, up to ``MAX_WORKERS``."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(MAX_WORKERS, cores))
+
+
+def _map_in_threads(fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
+    """``map(fn, items)`` on a few threads, in order, with at most a few items in flight (memory stays flat).
+
+    Threads pay off because the per-batch work is Arrow and numpy kernels, which release the GIL.
+    """
+    workers = _worker_count()
+    if workers == 1:
+        yield from map(fn, items)
+        return
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="headprune-encode")
+    try:
+        pending: deque[Future[R]] = deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) > 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 @dataclass(frozen=True)
@@ -220,27 +347,34 @@ class CorpusCache:
     def prepare(self) -> Vocabulary:
         """Builds whatever is missing or stale (vocabulary, then each split's ids) and returns the vocabulary."""
         with self._locked():
-            vocab = self.prepare_vocabulary()
+            vocab, built = self._prepare_vocabulary()
             for split in SPLITS:
+                if split == "train" and built:
+                    continue  # written and hashed just now, in the vocabulary's pass: no need to read it back
                 path = self.tokens_path(split, vocab)
                 if not self._is_valid(path, self._tokens_manifest(split, vocab), verify_content=True):
                     log.info("encoding the %s %s split into %s", self.source.name, split, path)
-                    self._write_ids(path, split, vocab, map(partial(encode_lines, vocab=vocab),
-                                                            self.source.line_batches(split)))
+                    self._write_ids(path, split, vocab, _map_in_threads(partial(encode_lines, vocab=vocab),
+                                                                        self.source.line_batches(split)))
         return vocab
 
     def prepare_vocabulary(self) -> Vocabulary:
         """The cached vocabulary, built from the train split first if it is missing or stale (the train ids
         are cached in the same pass)."""
+        return self._prepare_vocabulary()[0]
+
+    def _prepare_vocabulary(self) -> tuple[Vocabulary, bool]:
+        """:meth:`prepare_vocabulary`, and whether it built the vocabulary (and the train ids) just now."""
         with self._locked():
             vocab = self._valid_vocab()
-            if vocab is None:
-                log.info("building the %s vocabulary and train ids from its train split", self.source.name)
-                vocab, train_ids = build_vocabulary_and_encode(self.source.line_batches("train"))
-                self._write_ids(self.tokens_path("train", vocab), "train", vocab, train_ids)
-                vocab.save(self.vocab_path)
-                self._write_manifest(self.vocab_path, self._vocab_manifest(vocab))
-        return vocab
+            if vocab is not None:
+                return vocab, False
+            log.info("building the %s vocabulary and train ids from its train split", self.source.name)
+            vocab, train_ids = build_vocabulary_and_encode(self.source.line_batches("train"))
+            self._write_ids(self.tokens_path("train", vocab), "train", vocab, train_ids)
+            vocab.save(self.vocab_path)
+            self._write_manifest(self.vocab_path, self._vocab_manifest(vocab))
+            return vocab, True
 
     @contextmanager
     def _locked(self) -> Iterator[None]:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import collections
+import itertools
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +34,75 @@ def test_arrow_encoder_equals_python_split_on_tricky_whitespace():
     assert vocab.itos == Vocabulary.from_counts(python_counts.keys(), python_counts.values()).itos
     np.testing.assert_array_equal(np.concatenate(list(ids)), python_encode(TRICKY_LINES, vocab))
     np.testing.assert_array_equal(encode_lines(pa.array(TRICKY_LINES), vocab), python_encode(TRICKY_LINES, vocab))
+
+
+def test_whitespace_is_exactly_what_str_split_splits_on():
+    assert set(corpus.WHITESPACE) == {chr(c) for c in range(sys.maxunicode + 1) if chr(c).isspace()}
+
+
+# every whitespace character, control characters that are not whitespace, characters that share a UTF-8 lead byte
+# with wide whitespace, a 4-byte character, and the two special tokens written out in the text
+ALPHABET = [*corpus.WHITESPACE, " ", " ", " ", "\x00", "\x01", "\x1b", "\x7f", "\u00a9", "\u2019", "\u2013",
+            "\u1681", "\u3001", "\U0001f600", "a", "b", "c", "é", "</s>", "<unk>"]
+
+
+def random_lines(rng: np.random.Generator, count: int, alphabet: list[str]) -> list[str]:
+    return ["".join(rng.choice(alphabet, size=rng.integers(0, 12))) for _ in range(count)]
+
+
+def python_vocabulary(lines: list[str]) -> Vocabulary:
+    counts = collections.Counter(word for line in lines for word in line.split())
+    return Vocabulary.from_counts(counts.keys(), counts.values())
+
+
+@pytest.mark.parametrize("alphabet", [ALPHABET, [" ", " ", "a", "b", "é", "\u2019"]], ids=["any", "plain"])
+def test_byte_level_encoder_equals_plain_python_on_random_text(alphabet: list[str]):
+    rng = np.random.default_rng(0)
+    lines = random_lines(rng, 3000, alphabet)
+    # many batches (more than are ever in flight), one sliced, one large_string, one empty, one with a null line
+    cuts = [0, 1, 2, 250, 500, 500, 1000, 1500, 1800, 2000, 2200, 2400, 2600, 2800, 3000]
+    batches = [pa.array(lines[a:b]) for a, b in itertools.pairwise(cuts)]
+    batches[3] = pa.array(["x", *lines[cuts[3]:cuts[4]], "y"]).slice(1, cuts[4] - cuts[3])
+    batches[4] = batches[4].cast(pa.large_string())
+    batches.append(pa.array(["a b", None, " c"]))
+    lines += ["a b", "", " c"]
+    vocab, ids = build_vocabulary_and_encode(batches)
+    assert vocab.itos == python_vocabulary(lines).itos
+    np.testing.assert_array_equal(np.concatenate(list(ids)), python_encode(lines, vocab))
+    np.testing.assert_array_equal(np.concatenate([encode_lines(b, vocab) for b in batches]),
+                                  python_encode(lines, vocab))
+
+
+@pytest.mark.parametrize("lines", [["ab", "cd", "", "ef"], ["a", "", "", "b "], [""], ["", " ", "\t"], []])
+def test_words_touching_across_lines_and_empty_lines(lines: list[str]):
+    vocab = python_vocabulary(lines)
+    built, ids = build_vocabulary_and_encode([pa.array(lines, type=pa.string())])
+    assert built.itos == vocab.itos
+    np.testing.assert_array_equal(np.concatenate([np.empty(0, np.uint32), *ids]), python_encode(lines, vocab))
+    np.testing.assert_array_equal(encode_lines(pa.array(lines, type=pa.string()), vocab), python_encode(lines, vocab))
+
+
+def test_text_with_only_ascii_spacing_takes_the_fast_path(monkeypatch):
+    def fail(data):
+        raise AssertionError("plain text was cut again with the exact whitespace test")
+
+    monkeypatch.setattr(corpus, "_exact_whitespace", fail)
+    lines = [" = Title = ", "", " a  b\tc \r", "d\ne\x0bf\x0cg\x1ch\x1fi", "caf\u00e9 \u2019s"]
+    vocab, ids = build_vocabulary_and_encode([pa.array(lines)])
+    assert vocab.itos == python_vocabulary(lines).itos
+    np.testing.assert_array_equal(np.concatenate(list(ids)), python_encode(lines, vocab))
+
+
+def test_threaded_map_keeps_order_and_raises_what_a_batch_raised():
+    assert list(corpus._map_in_threads(lambda x: x * x, range(100))) == [x * x for x in range(100)]
+
+    def fails_on_7(x: int) -> int:
+        if x == 7:
+            raise ValueError("batch 7")
+        return x
+
+    with pytest.raises(ValueError, match="batch 7"):
+        list(corpus._map_in_threads(fails_on_7, range(100)))
 
 
 def test_arrow_encoder_equals_python_on_real_wikitext(wt2, wikitext2_dir: Path):
