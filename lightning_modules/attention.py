@@ -200,9 +200,9 @@ class RelativeMultiHeadAttention(nn.Module):
         return out * head_scale.detach().ne(0).any().to(out.dtype)  # a 0-dim factor: no host sync
 
     def _attend_joint(self, q: Tensor, kv: Tensor, r: Tensor, blocked: Tensor) -> Tensor:
-        """CPU fast path, head-major: context logits by autograd, then `joint_attention` (one softmax over
-        context and persistent slots, persistent keys/values shared by the batch). q [B, T, H*D],
-        kv [B, S, 2*H*D], r [H, S, D] -> [H, B, T, D]."""
+        """The "joint" path, head-major: position logits (relative shift as a view, the mask) by autograd, then
+        `joint_attention` (content logits and one softmax over context and persistent slots, the persistent
+        keys/values shared by the batch). q [B, T, H*D], kv [B, S, 2*H*D], r [H, S, D] -> [H, B, T, D]."""
         H, D = self.n_heads, self.d_head
         B, T = q.shape[:2]
         S = kv.size(1)

@@ -1,16 +1,20 @@
-"""One softmax over context keys and persistent slots, with a hand-written backward (the "joint" attention core).
+"""One softmax over context keys and persistent slots (the "joint" attention core), with a hand-written backward.
 
 Why by hand: ``F.scaled_dot_product_attention`` needs the persistent keys/values copied into every batch element
-and a dense ``[B, H, T, S+N]`` bias (the position term is not a plain dot product). On CPU that path, and the
-plain autograd path (whose softmax backward alone costs more than a matmul here), reach a third of the machine's
-matmul throughput. This core keeps the persistent keys and values as one ``[H, N, D]`` tensor and folds the batch
-into the query rows, so every persistent product is one batched matmul per head; it writes the logits once into a
-single ``[H, B*T, S+N]`` buffer that the softmax overwrites in place; and its backward uses the flash-attention
-identity rowsum(dP * P) = rowsum(dO * O), so the softmax gradient is two in-place passes.
+and a dense ``[B, H, T, S+N]`` bias (the position term is not a plain dot product), and it cannot return the
+bias gradient the position term needs. On CPU that path, and the plain autograd path (whose softmax backward alone
+costs more than a matmul here), reach a third of the machine's matmul throughput. This core:
+  - keeps the persistent keys and values as one ``[H, N, D]`` tensor and folds the batch into the query rows, so
+    every persistent product is one batched matmul per head, with no per-batch copies;
+  - in training, writes all logits once into a single ``[H, B*T, S+N]`` buffer that the softmax overwrites in
+    place, and in its backward uses the flash-attention identity rowsum(dP * P) = rowsum(dO * O), so the softmax
+    gradient is two in-place passes;
+  - without gradients, runs context and persistent slots through torch's fused CPU flash kernel and merges the two
+    by their log-sum-exp, so no ``[.., S+N]`` tensor is materialised at all.
 
 Layout (head-major, batch folded into rows): H heads, B batch, T queries, S context keys, N persistent slots, D
-head width. ``context_logits`` ``[H, B, T, S]`` arrive already scaled and masked (-inf) from autograd code, so
-their gradient flows back to the content and position terms the usual way.
+head width. The position logits ``[H, B, T, S]`` (scaled, -inf where masked) come from autograd code, so their
+gradient flows back to the position term the usual way.
 """
 
 from __future__ import annotations
@@ -154,9 +158,9 @@ def _joint_attention_inference(q_content: Tensor, k: Tensor, v: Tensor, position
     if persistent_k is None:
         return out
     out_p, lse_p = _flash(q[None], persistent_k[None], persistent_v[None])  # (1, H, B*T, D), (1, H, B*T)
-    total = torch.logaddexp(lse, lse_p[0])  # (H, B*T): log-normaliser of the joint softmax
-    weight = (lse - total).exp_()[..., None].to(out.dtype)
-    return (out * weight).addcmul_(out_p[0], (lse_p[0] - total).exp_()[..., None].to(out.dtype))
+    # the context's share of the joint softmax mass: e^lse / (e^lse + e^lse_p) = sigmoid(lse - lse_p)
+    context_share = torch.sigmoid(lse - lse_p[0])[..., None].to(out.dtype)  # (H, B*T, 1)
+    return torch.lerp(out_p[0], out, context_share)
 
 
 def joint_attention(q_content: Tensor, k: Tensor, v: Tensor, position: Tensor, q: Tensor,
