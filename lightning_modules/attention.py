@@ -28,7 +28,12 @@ def resolve_impl(impl: str, device: torch.device) -> str:
 
 def _at_least_fp32(x: Tensor) -> Tensor:
     """x in float32, or as is if already float32 or wider: softmax logits stay fp32 under autocast."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def _as_dtype(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """x in ``dtype``; the Python check skips a dispatch in the common (no-autocast) case."""
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 def attention_mask(q_len: int, n_mem: int, same_length: bool, device: torch.device | None = None) -> Tensor:
@@ -182,21 +187,25 @@ class RelativeMultiHeadAttention(nn.Module):
         H = self.n_heads
         q = self.q_proj(x)  # (B, T, H*D)
         kv = F.linear(c, torch.cat([self.k_proj.weight, self.v_proj.weight]))  # (B, S, 2*H*D), one matmul
-        r = rearrange(self.r_proj(pos_emb), "s (h d) -> h s d", h=H)  # (H, S, D)
+        r = self.r_proj(pos_emb).view(S, H, self.d_head).transpose(0, 1)  # (H, S, D)
         blocked = blocked_keys(T, S - T, self.same_length, x.device)  # (T, S), True = masked
         impl = resolve_impl(self.impl, x.device)
         if impl == "joint":
             o = self._attend_joint(q, kv, r, blocked)  # (H, B, T, D)
-            layout, per_head = "h b t d -> b t (h d)", (H, 1, 1, 1)
+            if head_scale is not None:
+                o = o * head_scale.view(H, 1, 1, 1)
+            o = o.permute(1, 2, 0, 3).reshape(*x.shape[:2], H * self.d_head)  # (B, T, H*D)
         else:
             q = rearrange(q, "b t (h d) -> b h t d", h=H)
             k, v = rearrange(kv, "b s (two h d) -> two b h s d", two=2, h=H)  # (B, H, S, D) each
             attend = self._attend_sdpa if impl == "sdpa" else self._attend_reference
             o = attend(q, k, v, r, blocked)  # (B, H, T, D)
-            layout, per_head = "b h t d -> b t (h d)", (H, 1, 1)
+            if head_scale is not None:
+                o = o * head_scale.view(H, 1, 1)
+            o = rearrange(o, "b h t d -> b t (h d)")
         if head_scale is None:
-            return self.o_proj(rearrange(o, layout))  # (B, T, d)
-        out = self.o_proj(rearrange(o * head_scale.view(per_head), layout))
+            return self.o_proj(o)  # (B, T, d)
+        out = self.o_proj(o)
         return out * head_scale.detach().ne(0).any().to(out.dtype)  # a 0-dim factor: no host sync
 
     def _attend_joint(self, q: Tensor, kv: Tensor, r: Tensor, blocked: Tensor) -> Tensor:
@@ -207,18 +216,21 @@ class RelativeMultiHeadAttention(nn.Module):
         B, T = q.shape[:2]
         S = kv.size(1)
         scale = D**-0.5
-        q = rearrange(q, "b t (h d) -> h b t d", h=H).contiguous()
-        k, v = rearrange(kv, "b s (two h d) -> two h b s d", two=2, h=H).contiguous()  # (H, B, S, D) each
+        # plain view/permute rather than einops here: this path runs per layer and step, where every dispatch counts
+        q = q.view(B, T, H, D).permute(2, 0, 1, 3).contiguous()  # (H, B, T, D)
+        k, v = kv.view(B, S, 2, H, D).permute(2, 3, 0, 1, 4).contiguous()  # (H, B, S, D) each
+        dtype = q.dtype
+        q_scaled = q * scale
         # position logits against [0; r]: the leading zero column is the pad of rel_shift, computed for free
-        r_padded = F.pad(r, (0, 0, 1, 0)).to(q.dtype)  # (H, S+1, D)
-        q_pos = ((q + self.position_bias[:, None, None]) * scale).to(q.dtype).view(H, B * T, D)
+        r_padded = _as_dtype(F.pad(r, (0, 0, 1, 0)), dtype)  # (H, S+1, D)
+        q_pos = (q_scaled + _as_dtype(self.position_bias * scale, dtype).view(H, 1, 1, D)).view(H, B * T, D)
         pos = rel_shift_padded(torch.bmm(q_pos, r_padded.mT).view(H * B, T, S + 1))  # (H*B, T, S), a view
         position = _at_least_fp32(pos.view(H, B, T, S)).masked_fill(blocked, float("-inf"))  # (H, B, T, S)
-        q_content = ((q + self.content_bias[:, None, None]) * scale).to(q.dtype)  # autocast: biases are fp32
+        q_content = q_scaled + _as_dtype(self.content_bias * scale, dtype).view(H, 1, 1, D)
         persistent_k = persistent_v = None
         if self.n_persistent > 0:
-            persistent_k = self.persistent_k.to(q.dtype)  # logit q·K_n: the stored key's sqrt(D) cancels 1/sqrt(D)
-            persistent_v = (self.persistent_v * self.n_persistent**0.5).to(v.dtype)
+            persistent_k = _as_dtype(self.persistent_k, dtype)  # logit q·K_n: the stored sqrt(D) cancels 1/sqrt(D)
+            persistent_v = _as_dtype(self.persistent_v * self.n_persistent**0.5, dtype)
         dropout_p = self.dropatt if self.training else 0.0
         o = joint_attention(q_content, k, v, position, q.view(H, B * T, D), persistent_k, persistent_v, dropout_p)
         return o.view(H, B, T, D)

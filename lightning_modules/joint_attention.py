@@ -144,8 +144,9 @@ def _flash(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None) -> tuple
     """softmax(q k^T + bias) v and its log-sum-exp per query, by torch's fused CPU kernel (the one behind
     ``F.scaled_dot_product_attention`` on CPU, called as its aten op because the public function does not return
     the log-sum-exp). q [X, Y, L, D], k/v [X, Y, S, D], bias [X, Y, L, S] -> [X, Y, L, D], [X, Y, L]."""
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q, k, v, 0.0, False, attn_mask=None if bias is None else bias.to(q.dtype), scale=1.0)
+    if bias is not None and bias.dtype != q.dtype:
+        bias = bias.to(q.dtype)
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=bias, scale=1.0)
 
 
 def _joint_attention_inference(q_content: Tensor, k: Tensor, v: Tensor, position: Tensor, q: Tensor,
@@ -159,7 +160,9 @@ def _joint_attention_inference(q_content: Tensor, k: Tensor, v: Tensor, position
         return out
     out_p, lse_p = _flash(q[None], persistent_k[None], persistent_v[None])  # (1, H, B*T, D), (1, H, B*T)
     # the context's share of the joint softmax mass: e^lse / (e^lse + e^lse_p) = sigmoid(lse - lse_p)
-    context_share = torch.sigmoid(lse - lse_p[0])[..., None].to(out.dtype)  # (H, B*T, 1)
+    context_share = torch.sigmoid(lse - lse_p[0]).unsqueeze(-1)  # (H, B*T, 1)
+    if context_share.dtype != out.dtype:
+        context_share = context_share.to(out.dtype)
     return torch.lerp(out_p[0], out, context_share)
 
 

@@ -10,6 +10,7 @@ with like on a shared machine. Prints one JSON line per figure, each with the ta
   - ``matmul_fp32``: a 2048^3 ``torch.mm`` (the machine's reference throughput);
   - ``layer_stack_{eval,train}_efficiency``: the layers' FLOPs by the model's own accounting (x3 for training)
     per second over the matmul's (target >= 0.60); eval = one no-grad forward, train = forward + backward + AdamW;
+    for All-attention also with the ``sdpa`` and ``reference`` attention cores, for contrast;
   - ``{eval,train}_tokens_per_s`` of the whole model (embedding, layers, adaptive softmax with targets), and
     ``all_attention_vs_transformer_xl_{eval,train}`` (target >= 1.0);
   - ``layer_stack_eval_speedup`` with 50% / 75% of every layer's heads removed (targets 1.95x / 3.6x),
@@ -41,6 +42,7 @@ W1 = dict(vocab_size=33278, cutoffs=[2000, 10000], div_value=4.0, n_layers=4, d_
 BATCH = 8
 WORKLOAD = "W1"
 LAYER_TYPES = ("all_attention", "transformer_xl")
+OTHER_IMPLS = ("sdpa", "reference")  # attention cores timed beside the default one ("auto": "joint" on CPU)
 WIKITEXT2 = Path(__file__).resolve().parents[3] / "shared" / "data" / "wikitext-2"
 
 
@@ -109,10 +111,10 @@ class Workload:
         return (6 if training else 2) * self.model.flops_per_token()["layers"] * self.x.numel()
 
 
-def build(layer_type: str, removed: float = 0.0) -> MemoryTransformerLM:
+def build(layer_type: str, removed: float = 0.0, attn_impl: str = "auto") -> MemoryTransformerLM:
     """The W1 model of ``layer_type`` (seed 0) with ``removed`` of every layer's heads physically pruned."""
     torch.manual_seed(0)
-    model = MemoryTransformerLM(layer_type=layer_type, **W1)
+    model = MemoryTransformerLM(layer_type=layer_type, attn_impl=attn_impl, **W1)
     drop = round(removed * W1["n_heads"])
     if drop:
         model.prune_heads({i: list(range(drop)) for i in range(W1["n_layers"])})
@@ -127,6 +129,9 @@ def efficiency(args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor, extra
     for lt, w in loads.items():
         fns |= {f"{lt}/stack_eval": w.stack_eval, f"{lt}/stack_train": w.stack_train,
                 f"{lt}/model_eval": w.model_eval, f"{lt}/model_train": w.model_train}
+    others = {impl: Workload(build("all_attention", attn_impl=impl), x, y) for impl in OTHER_IMPLS}
+    for impl, w in others.items():  # the slower attention cores, side by side for contrast
+        fns |= {f"{impl}/stack_eval": w.stack_eval, f"{impl}/stack_train": w.stack_train}
     t = interleaved_medians(fns, args.repeats)
     peak = mm_flops / t["mm"]
     emit(WORKLOAD, "matmul_fp32", round(peak / 1e9, 1), "GFLOP/s", **extra)
@@ -138,6 +143,12 @@ def efficiency(args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor, extra
                  "fraction of matmul FLOP/s", layer_type=lt, ms=round(1e3 * seconds, 2), target=0.60, **extra)
             emit(WORKLOAD, f"{mode}_tokens_per_s", round(tokens / t[f"{lt}/model_{mode}"]), "tokens/s",
                  layer_type=lt, ms=round(1e3 * t[f"{lt}/model_{mode}"], 2), **extra)
+    for impl, w in others.items():
+        for mode in ("eval", "train"):
+            seconds = t[f"{impl}/stack_{mode}"]
+            emit(WORKLOAD, f"layer_stack_{mode}_efficiency", round(w.layer_flops(mode == "train") / seconds / peak, 3),
+                 "fraction of matmul FLOP/s", layer_type="all_attention", attn_impl=impl, ms=round(1e3 * seconds, 2),
+                 **extra)
     for mode in ("eval", "train"):
         ratio = t[f"transformer_xl/model_{mode}"] / t[f"all_attention/model_{mode}"]
         emit(WORKLOAD, f"all_attention_vs_transformer_xl_{mode}", round(ratio, 3), "x (tokens/s ratio)",
