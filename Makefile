@@ -35,7 +35,7 @@ test-all: install
 lint: install
 	$(BIN)/ruff check .
 
-# train a small All-attention LM on WikiText-2, prune half its heads, test both, write the report (about 10 min on 2 cores)
+# train a small All-attention LM on WikiText-2, prune half its heads, test both, write the report (about 5 min on 2 cores)
 demo: install
 	WIKITEXT_DIR=$(WIKITEXT_DIR) $(BIN)/python -m experiments.demo $(DEMO_ARGS)
 
