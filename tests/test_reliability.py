@@ -293,4 +293,5 @@ def test_a_rank_that_dies_makes_the_ddp_job_fail_instead_of_hanging(wikitext2_di
     assert done.returncode != 0, "the job must report the failure"
     assert time.time() - started < 200
     assert "error: " not in done.stderr, "the job started (its arguments parsed) and failed for the dead rank"
-    assert "Connection reset by peer" in done.stderr or done.returncode == 3, done.stderr[-2000:]
+    # gloo words a dead peer either way, depending on where the survivor was when the socket went
+    assert re.search(r"Connection (reset|closed) by peer", done.stderr) or done.returncode == 3, done.stderr[-2000:]
