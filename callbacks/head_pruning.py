@@ -286,10 +286,14 @@ class HeadPruning(Callback):
         changed = 0
         for rank, (_, i, h) in enumerate(ranked):
             shut = rank < to_remove
-            if shut == bool(keep[i][h]):  # the gate decides otherwise: move it just across its threshold
+            if shut == bool(keep[i][h]):  # the gate decides otherwise: move it across its threshold
                 gate = model.layers[i].gate
-                gate.log_alpha[h] = gate.threshold - 1.0 if shut else gate.threshold
+                # a margin both ways: the threshold itself, rounded to float32, may read as either side
+                gate.log_alpha[h] = gate.threshold - 1.0 if shut else gate.threshold + 1.0
                 changed += 1
+        decided_shut = sum(int((~mask).sum()) for mask in model.head_keep_mask())
+        if decided_shut != to_remove:
+            raise RuntimeError(f"rounding to the target left {decided_shut} gates shut instead of {to_remove}")
         log.info("target sparsity %.3f: rounding to %d removed heads changed %d gate decisions",
                  self.target_sparsity, model.total_heads - present + to_remove, changed)
         self.rounded_decisions = changed

@@ -5,7 +5,6 @@ Notation: B batch, T segment (query) length, M memory length, S = M + T keys fro
 N persistent slots per head.
 """
 
-import functools
 import math
 
 import torch
@@ -51,17 +50,24 @@ def attention_mask(q_len: int, n_mem: int, same_length: bool, device: torch.devi
     return allowed  # (T, S)
 
 
-@functools.lru_cache(maxsize=16)
-def _blocked_cached(q_len: int, n_mem: int, same_length: bool, device: torch.device) -> Tensor:
-    return ~attention_mask(q_len, n_mem, same_length, device)
+_BLOCKED_KEYS: dict[tuple[int, int, bool, torch.device], Tensor] = {}
 
 
 def blocked_keys(q_len: int, n_mem: int, same_length: bool, device: torch.device) -> Tensor:
     """The negation of `attention_mask` (True = masked), made once per shape and device: every layer of every
-    step asks for the same one. Read-only; built afresh while torch.compile traces."""
-    if torch.compiler.is_compiling():
-        return ~attention_mask(q_len, n_mem, same_length, device)
-    return _blocked_cached(q_len, n_mem, same_length, device)
+    step asks for the same one. Read-only. Built outside inference mode, so that a mask first made during
+    validation can still be saved for a later training backward; never kept when it is not a plain tensor (a fake
+    tensor while torch.compile or torch.export traces)."""
+    key = (q_len, n_mem, same_length, device)
+    blocked = None if torch.compiler.is_compiling() else _BLOCKED_KEYS.get(key)
+    if blocked is None:
+        with torch.inference_mode(False):
+            blocked = ~attention_mask(q_len, n_mem, same_length, device)
+        if type(blocked) is torch.Tensor and not torch.compiler.is_compiling():
+            if len(_BLOCKED_KEYS) >= 16:  # a handful of shapes in practice (training, eval, generation)
+                _BLOCKED_KEYS.clear()
+            _BLOCKED_KEYS[key] = blocked
+    return blocked
 
 
 def rel_shift(x: Tensor) -> Tensor:

@@ -37,6 +37,7 @@ def configure_cpu_allocator(mode: str) -> bool:
     if mallopt is None:  # not glibc (macOS, musl...): nothing to tune
         log.info("cpu allocator: no glibc mallopt here, left as is")
         return False
-    ok = all(mallopt(option, value) == 1 for option, value in _SETTINGS.items())
+    accepted = [mallopt(option, value) == 1 for option, value in _SETTINGS.items()]  # every one, even after a refusal
+    ok = all(accepted)
     log.info("cpu allocator: freed memory kept for reuse (%s)", "set" if ok else "partly refused by glibc")
     return ok

@@ -114,16 +114,17 @@ class JointAttention(torch.autograd.Function):
                 grads[2] = torch.bmm(kept[..., :S].view(*rows, S).mT, grad_out_rows).view(H, B, S, D)
             if N and needs[6]:
                 grads[6] = torch.bmm(kept[..., S:].mT, grad_out)  # (H, N, D)
-            grad_context = _softmax_grad(  # dL/d(context logits), (H*B, T, S)
-                torch.bmm(grad_out_rows, v.reshape(H * B, S, D).mT), probs[..., :S].view(*rows, S),
-                kept[..., :S].view(*rows, S), row.view(*rows, 1), ctx.dropout_p)
-            if needs[3]:
-                grads[3] = grad_context.view(H, B, T, S)
-            grad_context = grad_context.to(dtype)
-            if needs[0]:
-                grads[0] = torch.bmm(grad_context, k.reshape(H * B, S, D)).view(H, B, T, D)
-            if needs[1]:
-                grads[1] = torch.bmm(grad_context.mT, q_content.reshape(*rows, D)).view(H, B, S, D)
+            if needs[0] or needs[1] or needs[3]:
+                grad_context = _softmax_grad(  # dL/d(context logits), (H*B, T, S)
+                    torch.bmm(grad_out_rows, v.reshape(H * B, S, D).mT), probs[..., :S].view(*rows, S),
+                    kept[..., :S].view(*rows, S), row.view(*rows, 1), ctx.dropout_p)
+                if needs[3]:
+                    grads[3] = grad_context.view(H, B, T, S)
+                grad_context = grad_context.to(dtype)
+                if needs[0]:
+                    grads[0] = torch.bmm(grad_context, k.reshape(H * B, S, D)).view(H, B, T, D)
+                if needs[1]:
+                    grads[1] = torch.bmm(grad_context.mT, q_content.reshape(*rows, D)).view(H, B, S, D)
             if N and (needs[4] or needs[5]):
                 grad_persistent = _softmax_grad(
                     torch.bmm(grad_out, persistent_v.mT), probs[..., S:], kept[..., S:], row, ctx.dropout_p
@@ -146,6 +147,8 @@ def _flash(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None) -> tuple
     the log-sum-exp). q [X, Y, L, D], k/v [X, Y, S, D], bias [X, Y, L, S] -> [X, Y, L, D], [X, Y, L]."""
     if bias is not None and bias.dtype != q.dtype:
         bias = bias.to(q.dtype)
+    # the aten op, unlike F.scaled_dot_product_attention, assumes unit stride along the head width
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=bias, scale=1.0)
 
 
@@ -177,7 +180,9 @@ def joint_attention(q_content: Tensor, k: Tensor, v: Tensor, position: Tensor, q
     Args:
         q_content: [H, B, T, D] queries for the context keys.
         k, v: [H, B, S, D] context keys and values.
-        position: [H, B, T, S] additive logit term (the relative-position logits), -inf where masked.
+        position: [H, B, T, S] additive logit term (the relative-position logits), -inf where masked. Every
+            query must keep at least one context key (the causal mask always leaves it itself); the fused no-grad
+            kernel gives a fully masked row no defined meaning.
         q: [H, B*T, D] queries for the persistent keys.
         persistent_k, persistent_v: [H, N, D] persistent keys and values shared by the batch, or None (N = 0).
         dropout_p: dropout on the attention probabilities (pass 0 in eval).

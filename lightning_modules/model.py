@@ -68,7 +68,9 @@ class MemoryTransformerLM(nn.Module):
         init_s1: uniform init bound for embeddings, adaptive projections, W_o and P; None = sqrt(1/d).
         init_s2: uniform init bound for W_q/k/v/r, FFN, cluster logits and persistent K/V;
             None = sqrt(1/(d·L)) (PAPER 1.3).
-        attn_impl: "sdpa" (fused scaled_dot_product_attention) or "reference" (explicit softmax).
+        attn_impl: the attention core: "auto" ("joint" on CPU, "sdpa" elsewhere), "joint" (one softmax over context
+            and persistent slots, hand-written backward, fused no-grad kernels), "sdpa" (scaled_dot_product_attention
+            with an additive bias) or "reference" (explicit softmax). All compute the same function.
         gate_init: initial log-alpha of every head gate (PAPER 3.2: 2.0 keeps heads open 88% of training steps).
         gate_beta, gate_gamma, gate_zeta: hard-concrete temperature and stretch interval (PAPER 2).
         output_scaling: when gating, multiply a layer's head outputs by heads / open heads (no gradient through
@@ -298,7 +300,7 @@ class MemoryTransformerLM(nn.Module):
     # ------------------------------------------------------------------------------------ introspection
 
     def set_attn_impl(self, impl: str) -> None:
-        """Switch every attention module to "sdpa" or "reference"."""
+        """Switch every attention module to another core: one of ``ATTN_IMPLS`` (see the constructor)."""
         if impl not in ATTN_IMPLS:
             raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}; got {impl!r}")
         for layer in self.layers:
@@ -307,7 +309,9 @@ class MemoryTransformerLM(nn.Module):
     def compile_layers(self, **options: Any) -> None:
         """Compile every layer's forward with ``torch.compile`` (lazily, at its first call; ``options`` go to
         torch.compile). Per layer rather than the whole model: the adaptive softmax routes tokens by cluster, which
-        gives data-dependent shapes. Parameter names do not change, so checkpoints are the same as without it."""
+        gives data-dependent shapes. Parameter names do not change, so checkpoints are the same as without it.
+        A later ``prune_heads`` calls ``torch.compiler.reset()``, which is process-wide: other compiled modules in
+        the same process recompile too."""
         for layer in self.layers:
             layer.compile(**options)
         self._layers_compiled = True

@@ -156,3 +156,21 @@ def test_validation_sends_the_head_map_image_to_an_offline_wandb_run(wikitext2_d
     images = list(tmp_path.glob("wandb/offline-run-*/files/media/images/prune/head_map_*.png"))
     assert len(images) == 2, "one head map per validation (step 20) and one at the end of fit"
     wandb.finish()
+
+
+@pytest.mark.parametrize("gamma, zeta", [(-0.1, 1.1), (-0.2, 1.1), (-0.1, 1.05), (-0.3, 1.2)])
+def test_rounding_to_the_target_opens_gates_for_any_stretch(gamma, zeta):
+    """Opening a gate sets its log_alpha past the threshold, not onto it: for a non-default stretch the threshold,
+    rounded to float32, can still read as shut, and every head would then be removed."""
+    from callbacks.head_pruning import HeadPruning
+    from lightning_modules.model import MemoryTransformerLM
+
+    model = MemoryTransformerLM(vocab_size=50, n_layers=2, d_model=16, n_heads=4, d_head=4, n_persistent=8,
+                                tgt_len=4, mem_len=4, cutoffs=[], gate_gamma=gamma, gate_zeta=zeta, max_len=16)
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.gate.log_alpha.fill_(-5.0)  # every gate shut
+    callback = HeadPruning(target_sparsity=0.5)
+    callback._round_to_target(None, model)
+    assert sum(int((~mask).sum()) for mask in model.head_keep_mask()) == 4
+    assert callback.rounded_decisions == 4

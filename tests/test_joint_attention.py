@@ -189,3 +189,26 @@ def test_cpu_allocator_modes():
     assert isinstance(configure_cpu_allocator("retain"), bool)
     with pytest.raises(ValueError, match="must be one of"):
         configure_cpu_allocator("jemalloc")
+
+
+@pytest.mark.parametrize("impl", ["joint", "sdpa", "reference"])
+def test_training_after_an_inference_mode_forward_of_the_same_shape(impl):
+    """Lightning validates under torch.inference_mode; the causal mask made then is reused by later training
+    steps of the same shape and must be a normal tensor that autograd can save."""
+    model = MemoryTransformerLM(vocab_size=60, n_layers=1, d_model=16, n_heads=2, d_head=8, n_persistent=8,
+                                tgt_len=3, mem_len=7, cutoffs=[], dropout=0.0, dropemb=0.0, max_len=16,
+                                attn_impl=impl)
+    x, y = torch.randint(0, 60, (2, 3)), torch.randint(0, 60, (2, 3))
+    with torch.inference_mode():
+        model.eval()(x, y)
+    model.train()(x, y).nll.mean().backward()
+    assert model.layers[0].attn.q_proj.weight.grad is not None
+
+
+def test_the_fused_no_grad_path_accepts_inputs_strided_along_the_head_width():
+    inputs = [t.detach() for t in joint_inputs()]
+    strided = [t.mT.contiguous().mT if t.dim() >= 2 and t.size(-1) > 1 and i != 3 else t
+               for i, t in enumerate(inputs)]
+    assert any(t.stride(-1) != 1 for t in strided)
+    with torch.no_grad():
+        torch.testing.assert_close(joint_attention(*strided), reference_joint(*inputs), rtol=1e-12, atol=1e-12)

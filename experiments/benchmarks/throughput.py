@@ -16,7 +16,8 @@ with like on a shared machine. Prints one JSON line per figure, each with the ta
   - ``layer_stack_eval_speedup`` with 50% / 75% of every layer's heads removed (targets 1.95x / 3.6x),
     ``model_eval_speedup`` at 50% against the FLOP-accounting ideal (target >= 95% of it), and
     ``train_step_speedup_after_removal``: the training step of a model that removed half its heads in-run
-    (optimizer state sliced, as HeadPruning does) over the same model's step before the removal.
+    (optimizer state sliced, as HeadPruning does) over the same model's step before the removal, against the same
+    FLOP ideal as the whole-model eval.
 
     python experiments/benchmarks/throughput.py [--repeats 15] [--threads 2] [--sections efficiency,pruning]
 """
@@ -166,6 +167,13 @@ def removal_in_run(x: torch.Tensor, y: torch.Tensor, layer_type: str, removed: f
     return w
 
 
+def with_targets(flops: dict) -> int:
+    """MACs per token of a forward with targets: the layers and the adaptive softmax's head. A tail cluster is
+    paid only by the tokens whose target is in it (18% on WikiText-2), so it is left out, as the issue's 1.76x
+    ideal leaves it out; this makes the ideal slightly higher than the work really done."""
+    return flops["layers"] + flops["softmax_head"]
+
+
 def pruning(args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor, extra: dict) -> None:
     """Speed-ups of physically pruned models over the dense one, against the FLOP-accounting ideal."""
     for lt in LAYER_TYPES:
@@ -184,20 +192,20 @@ def pruning(args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor, extra: d
         for r, w in pruned.items():
             flops = w.model.flops_per_token()
             common = dict(layer_type=lt, heads_removed=r, **extra)
+            target = {"target": targets[r]} if lt == "all_attention" else {}  # Transformer-XL: for contrast
             emit(WORKLOAD, "layer_stack_eval_speedup", round(t["dense/stack"] / t[f"{r}/stack"], 3), "x",
-                 ideal=round(flops_dense["layers"] / flops["layers"], 3), target=targets[r],
+                 ideal=round(flops_dense["layers"] / flops["layers"], 3), **target,
                  dense_ms=round(1e3 * t["dense/stack"], 2), pruned_ms=round(1e3 * t[f"{r}/stack"], 2), **common)
             if r == 0.5:
-                # eval with targets pays the layers and the softmax head; tails only for tail-cluster targets
-                ideal = ((flops_dense["layers"] + flops_dense["softmax_head"])
-                         / (flops["layers"] + flops["softmax_head"]))
+                ideal = with_targets(flops_dense) / with_targets(flops)
                 speedup = t["dense/model"] / t[f"{r}/model"]
                 emit(WORKLOAD, "model_eval_speedup", round(speedup, 3), "x", ideal=round(ideal, 3),
-                     fraction_of_ideal=round(speedup / ideal, 3), target="0.95 of ideal",
+                     fraction_of_ideal=round(speedup / ideal, 3), **({"target": "0.95 of ideal"} if target else {}),
                      dense_ms=round(1e3 * t["dense/model"], 2), pruned_ms=round(1e3 * t[f"{r}/model"], 2), **common)
-        ideal_train = flops_dense["total"] / after.model.flops_per_token()["total"]
-        emit(WORKLOAD, "train_step_speedup_after_removal", round(t["before/train"] / t["after/train"], 3), "x",
-             ideal=round(ideal_train, 3), before_ms=round(1e3 * t["before/train"], 2),
+        ideal_train = with_targets(flops_dense) / with_targets(after.model.flops_per_token())
+        speedup = t["before/train"] / t["after/train"]
+        emit(WORKLOAD, "train_step_speedup_after_removal", round(speedup, 3), "x", ideal=round(ideal_train, 3),
+             fraction_of_ideal=round(speedup / ideal_train, 3), before_ms=round(1e3 * t["before/train"], 2),
              after_ms=round(1e3 * t["after/train"], 2), layer_type=lt, heads_removed=0.5, **extra)
 
 
