@@ -209,9 +209,9 @@ class RelativeMultiHeadAttention(nn.Module):
             if head_scale is not None:
                 o = o * head_scale.view(H, 1, 1)
             o = rearrange(o, "b h t d -> b t (h d)")
+        out = self.o_proj(o)  # (B, T, d)
         if head_scale is None:
-            return self.o_proj(o)  # (B, T, d)
-        out = self.o_proj(o)
+            return out
         return out * head_scale.detach().ne(0).any().to(out.dtype)  # a 0-dim factor: no host sync
 
     def _attend_joint(self, q: Tensor, kv: Tensor, r: Tensor, blocked: Tensor) -> Tensor:

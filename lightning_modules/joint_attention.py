@@ -49,7 +49,7 @@ def _joint_softmax(content: Tensor, q: Tensor, persistent_k: Tensor | None) -> T
     overwrites in place; under torch.compile (whose Inductor cannot lower the ``out=`` writes into views) it is
     the plain cat and softmax, which Inductor fuses itself."""
     dtype = _softmax_dtype(content.dtype)
-    if _compiling():
+    if torch.compiler.is_compiling():
         parts = [content] if persistent_k is None else [content, torch.bmm(q, persistent_k.mT)]
         return torch.cat([p.to(dtype) for p in parts], dim=-1).softmax(dim=-1)
     H, BT, S = content.shape
@@ -59,11 +59,6 @@ def _joint_softmax(content: Tensor, q: Tensor, persistent_k: Tensor | None) -> T
     if N:
         _bmm_into(logits[..., S:], q, persistent_k.mT)
     return torch.softmax(logits, dim=-1, out=logits)
-
-
-def _compiling() -> bool:
-    """Whether torch.compile is tracing this code."""
-    return torch.compiler.is_compiling()
 
 
 class JointAttention(torch.autograd.Function):

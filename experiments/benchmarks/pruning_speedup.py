@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import emit
+from common import emit, run_stack
 from timing import interleaved_medians
 
 from lightning_modules.cpu_allocator import ALLOCATOR_MODES, configure_cpu_allocator
@@ -37,14 +37,6 @@ def build(layer_type: str, n_layers: int, removed: float, device: torch.device) 
     if drop:
         model.prune_heads({i: list(range(drop)) for i in range(n_layers)})
     return model.to(device)
-
-
-def run_stack(model: MemoryTransformerLM, h: torch.Tensor, memory: list[torch.Tensor]) -> torch.Tensor:
-    """The layer stack alone, each layer over its memory, as MemoryTransformerLM.forward runs it."""
-    pos_emb = model.pos_table[-(memory[0].size(1) + h.size(1)):]
-    for layer, mem in zip(model.layers, memory, strict=False):
-        h = layer(h, mem, pos_emb)
-    return h
 
 
 class Stack:

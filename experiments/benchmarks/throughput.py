@@ -30,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from common import emit
+from common import emit, run_stack
 from timing import interleaved_medians, matmul_probe
 
 from lightning_modules.cpu_allocator import ALLOCATOR_MODES, configure_cpu_allocator
@@ -79,22 +79,15 @@ class Workload:
             self.memory = model.eval()(x[:, :T], y[:, :T]).memory
             self.h = model.embedding(self.x) * model.d_model**0.5  # the layer stack's input
 
-    def _stack(self) -> torch.Tensor:
-        pos_emb = self.model.pos_table[-(self.memory[0].size(1) + self.h.size(1)):]
-        h = self.h
-        for layer, mem in zip(self.model.layers, self.memory, strict=False):
-            h = layer(h, mem, pos_emb)
-        return h
-
     def stack_eval(self) -> None:
         with torch.no_grad():
             self.model.eval()
-            self._stack()
+            run_stack(self.model, self.h, self.memory)
 
     def stack_train(self) -> None:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        self._stack().square().mean().backward()
+        run_stack(self.model, self.h, self.memory).square().mean().backward()
         self.optimizer.step()
 
     def model_eval(self) -> None:
