@@ -291,7 +291,7 @@ class HeadPruning(Callback):
                 # a margin both ways: the threshold itself, rounded to float32, may read as either side
                 gate.log_alpha[h] = gate.threshold - 1.0 if shut else gate.threshold + 1.0
                 changed += 1
-        decided_shut = sum(int((~mask).sum()) for mask in model.head_keep_mask())
+        decided_shut = sum(len(heads) for heads in model.shut_heads().values())
         if decided_shut != to_remove:
             raise RuntimeError(f"rounding to the target left {decided_shut} gates shut instead of {to_remove}")
         log.info("target sparsity %.3f: rounding to %d removed heads changed %d gate decisions",

@@ -58,12 +58,14 @@ def blocked_keys(q_len: int, n_mem: int, same_length: bool, device: torch.device
     step asks for the same one. Read-only. Built outside inference mode, so that a mask first made during
     validation can still be saved for a later training backward; never kept when it is not a plain tensor (a fake
     tensor while torch.compile or torch.export traces)."""
+    if torch.compiler.is_compiling():
+        return ~attention_mask(q_len, n_mem, same_length, device)
     key = (q_len, n_mem, same_length, device)
-    blocked = None if torch.compiler.is_compiling() else _BLOCKED_KEYS.get(key)
+    blocked = _BLOCKED_KEYS.get(key)
     if blocked is None:
         with torch.inference_mode(False):
             blocked = ~attention_mask(q_len, n_mem, same_length, device)
-        if type(blocked) is torch.Tensor and not torch.compiler.is_compiling():
+        if type(blocked) is torch.Tensor:
             if len(_BLOCKED_KEYS) >= 16:  # a handful of shapes in practice (training, eval, generation)
                 _BLOCKED_KEYS.clear()
             _BLOCKED_KEYS[key] = blocked

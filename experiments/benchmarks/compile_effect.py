@@ -17,11 +17,10 @@ import time
 
 import torch
 from common import emit
-from throughput import W1, WIKITEXT2, WORKLOAD, Workload, build, token_batch
+from throughput import WIKITEXT2, WORKLOAD, Workload, build, token_batch
 from timing import interleaved_medians
 
 from lightning_modules.cpu_allocator import ALLOCATOR_MODES, configure_cpu_allocator
-from lightning_modules.slicing import slice_optimizer_state_
 
 
 def seconds(fn) -> float:
@@ -29,13 +28,6 @@ def seconds(fn) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
-
-
-def remove_half(w: Workload) -> None:
-    """Remove the first half of every layer's heads in place and slice the optimizer state."""
-    drop = W1["n_heads"] // 2
-    slices = w.model.prune_heads({i: list(range(drop)) for i in range(W1["n_layers"])})
-    slice_optimizer_state_(w.optimizer, slices)
 
 
 def compare(layer_type: str, args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor, extra: dict) -> None:
@@ -49,8 +41,8 @@ def compare(layer_type: str, args: argparse.Namespace, x: torch.Tensor, y: torch
     emit(WORKLOAD, "compile_seconds_first_train_step", round(seconds(compiled.model_train), 2), "s", **common)
     for stage in ("dense", "after_removal"):
         if stage == "after_removal":
-            remove_half(eager)
-            remove_half(compiled)
+            eager.remove_heads(0.5)
+            compiled.remove_heads(0.5)
             emit(WORKLOAD, "recompile_seconds_after_removal",
                  round(seconds(compiled.model_train) + seconds(compiled.model_eval), 2), "s", **common)
         t = interleaved_medians({"eager/eval": eager.model_eval, "compiled/eval": compiled.model_eval,

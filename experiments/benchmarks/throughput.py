@@ -100,6 +100,11 @@ class Workload:
         self.model(self.x, self.y, memory=self.memory).nll.mean().backward()
         self.optimizer.step()
 
+    def remove_heads(self, removed: float) -> None:
+        """Remove the first ``removed`` fraction of every layer's heads in place, slicing the optimizer state as
+        HeadPruning does."""
+        slice_optimizer_state_(self.optimizer, self.model.prune_heads(first_heads(removed)))
+
     def layer_flops(self, training: bool) -> int:
         """FLOPs of one pass of the layer stack over the segment (2 per MAC; x3 for forward + backward)."""
         return (6 if training else 2) * self.model.flops_per_token()["layers"] * self.x.numel()
@@ -109,10 +114,14 @@ def build(layer_type: str, removed: float = 0.0, attn_impl: str = "auto") -> Mem
     """The W1 model of ``layer_type`` (seed 0) with ``removed`` of every layer's heads physically pruned."""
     torch.manual_seed(0)
     model = MemoryTransformerLM(layer_type=layer_type, attn_impl=attn_impl, **W1)
-    drop = round(removed * W1["n_heads"])
-    if drop:
-        model.prune_heads({i: list(range(drop)) for i in range(W1["n_layers"])})
+    model.prune_heads(first_heads(removed))
     return model
+
+
+def first_heads(removed: float) -> dict[int, list[int]]:
+    """The removal plan that takes the first ``removed`` fraction of every layer's heads."""
+    drop = round(removed * W1["n_heads"])
+    return {i: list(range(drop)) for i in range(W1["n_layers"])} if drop else {}
 
 
 def efficiency(args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor, extra: dict) -> None:
@@ -154,9 +163,7 @@ def removal_in_run(x: torch.Tensor, y: torch.Tensor, layer_type: str, removed: f
     w = Workload(build(layer_type), x, y)
     for _ in range(2):
         w.model_train()
-    drop = round(removed * W1["n_heads"])
-    slices = w.model.prune_heads({i: list(range(drop)) for i in range(W1["n_layers"])})
-    slice_optimizer_state_(w.optimizer, slices)
+    w.remove_heads(removed)
     return w
 
 
