@@ -17,7 +17,7 @@ def head_map_rows(model: MemoryTransformerLM, step: int) -> list[dict]:
     rows = []
     for i, (layer, keep) in enumerate(zip(model.layers, model.head_keep_mask(), strict=True)):
         present = {int(h): pos for pos, h in enumerate(layer.attn.head_ids.tolist())}
-        for head in range(model.config["n_heads"]):
+        for head in range(model.config.n_heads):
             if head in present:
                 value = float(layer.gate.log_alpha[present[head]])
                 state = "open" if keep[present[head]] else "shut"
@@ -30,7 +30,7 @@ def head_map_rows(model: MemoryTransformerLM, step: int) -> list[dict]:
 def head_map_image(model: MemoryTransformerLM, cell: int = 16) -> np.ndarray:
     """RGB uint8 image, one ``cell`` x ``cell`` square per head (rows: layers, columns: original heads)."""
     rows = head_map_rows(model, step=0)
-    image = np.zeros((model.n_layers, model.config["n_heads"], 3), dtype=np.uint8)
+    image = np.zeros((model.n_layers, model.config.n_heads, 3), dtype=np.uint8)
     for row in rows:
         if row["state"] == "removed":
             colour = REMOVED_RGB

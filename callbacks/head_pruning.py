@@ -20,7 +20,7 @@ from callbacks.head_map import head_map_image, head_map_rows
 from callbacks.preemption import Preemption
 from callbacks.schedules import linear_ramp
 from lightning_modules.model import MemoryTransformerLM
-from lightning_modules.slicing import slice_optimizer_state_
+from lightning_modules.model.slicing import slice_optimizer_state_
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ class HeadPruning(Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         model = self._model
-        model.set_gate_temperature(self.current_temperature(trainer.global_step, model.config["gate_beta"]))
+        model.set_gate_temperature(self.current_temperature(trainer.global_step, model.config.gate_beta))
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:

@@ -25,10 +25,10 @@ from pathlib import Path
 from experiments import report
 from experiments.runs import evaluate_into
 from experiments.stages import fit_dense, fit_pruned
+from lightning_modules.model import LAYER_TYPES
 
 REPO = Path(__file__).resolve().parents[1]
 EXP = REPO / "experiments"
-LAYER_TYPES = ("all_attention", "transformer_xl")
 
 
 @dataclass(frozen=True)

@@ -1,1 +1,2 @@
-"""The headprune model (plain PyTorch) and the LightningModule that trains it."""
+"""The headprune model and its training: ``model`` (plain PyTorch, no Lightning), ``training`` (the
+LightningModule and checkpoint handling) and ``cli`` (the ``headprune`` command, the one composition root)."""

@@ -11,16 +11,16 @@ from pytorch_lightning.plugins.io import CheckpointIO
 
 from callbacks.preemption import Preemption
 from datamodules.wikitext import WikiTextDataModule
-from lightning_modules.checkpoint_io import AtomicCheckpointIO
-from lightning_modules.checkpoint_layout import CHECKPOINT_KEY, check_compatible, read_checkpoint
-from lightning_modules.cpu_allocator import ALLOCATOR_MODES, configure_cpu_allocator
-from lightning_modules.language_model import LanguageModel
+from lightning_modules.training.checkpoint_io import AtomicCheckpointIO
+from lightning_modules.training.checkpoint_layout import CHECKPOINT_KEY, check_compatible, read_checkpoint
+from lightning_modules.training.cpu_allocator import ALLOCATOR_MODES, configure_cpu_allocator
+from lightning_modules.training.language_model import LanguageModel
 
 
 class HeadpruneCLI(LightningCLI):
     """LightningCLI whose model is sized by the data (the vocabulary size comes from the datamodule) and whose
     checkpoints are written atomically unless the config names its own CheckpointIO plugin. ``--cpu_allocator``
-    (``retain`` by default) keeps freed CPU memory in the process, see ``lightning_modules.cpu_allocator``."""
+    (``retain`` by default) keeps freed CPU memory in the process, see ``lightning_modules.training.cpu_allocator``."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.vocab_size", "model.model.init_args.vocab_size", apply_on="instantiate")

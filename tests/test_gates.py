@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from lightning_modules.gates import HardConcreteGate
+from lightning_modules.model.gates import HardConcreteGate
 
 
 def test_training_gates_are_exact_zeros_and_ones_open_with_probability_sigmoid_log_alpha():

@@ -16,7 +16,7 @@ import wandb
 import yaml
 
 from lightning_modules.cli import run
-from lightning_modules.language_model import LanguageModel
+from lightning_modules.training.language_model import LanguageModel
 
 REPO = Path(__file__).resolve().parents[1]
 PRUNE_RECIPE = REPO / "experiments" / "wt2" / "all_attention_small_prune.yaml"

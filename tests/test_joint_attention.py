@@ -4,10 +4,10 @@ forward, gated and pruned models in training and eval, autocast, torch.compile a
 import pytest
 import torch
 
-import lightning_modules.joint_attention as joint_module
-from lightning_modules.cpu_allocator import configure_cpu_allocator
-from lightning_modules.joint_attention import JointAttention, joint_attention
+import lightning_modules.model.joint_attention as joint_module
 from lightning_modules.model import MemoryTransformerLM
+from lightning_modules.model.joint_attention import JointAttention, joint_attention
+from lightning_modules.training.cpu_allocator import configure_cpu_allocator
 
 H, B, T, S, N, D = 2, 3, 4, 6, 5, 3
 
@@ -159,7 +159,7 @@ def test_compiled_layers_match_eager_and_recompile_after_a_head_removal(monkeypa
     eager = MemoryTransformerLM(vocab_size=60, n_layers=2, d_model=16, n_heads=4, d_head=4, n_persistent=8,
                                 tgt_len=5, mem_len=6, cutoffs=[20], div_value=2.0, dropout=0.0, dropemb=0.0,
                                 max_len=16)
-    compiled = MemoryTransformerLM(**eager.config)
+    compiled = MemoryTransformerLM.from_config(eager.config)
     compiled.load_state_dict(eager.state_dict())
     compiled.compile_layers()
     assert compiled.layers_compiled and list(compiled.state_dict()) == list(eager.state_dict())

@@ -9,9 +9,9 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from lightning_modules.language_model import LanguageModel
 from lightning_modules.model import MemoryTransformerLM
-from lightning_modules.optim import Lamb, warmup_cosine_factor
+from lightning_modules.training.language_model import LanguageModel
+from lightning_modules.training.optim import Lamb, warmup_cosine_factor
 
 VOCAB = 50
 

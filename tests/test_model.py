@@ -5,11 +5,10 @@ import math
 import pytest
 import torch
 
-from lightning_modules.adaptive import AdaptiveEmbedding, AdaptiveSoftmax
-from lightning_modules.attention import RelativeMultiHeadAttention, attention_mask, rel_shift, relative_index
-from lightning_modules.model import MemoryTransformerLM
+from lightning_modules.model import LAYER_TYPES, MemoryTransformerLM
+from lightning_modules.model.adaptive import AdaptiveEmbedding, AdaptiveSoftmax
+from lightning_modules.model.attention import RelativeMultiHeadAttention, attention_mask, rel_shift, relative_index
 
-LAYER_TYPES = ["all_attention", "transformer_xl"]
 V = 300  # vocabulary of the small test models
 
 

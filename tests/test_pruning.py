@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from callbacks.head_map import REMOVED_RGB, SHUT_RGB, head_map_image, head_map_rows
-from lightning_modules.slicing import slice_optimizer_state_
+from lightning_modules.model.slicing import slice_optimizer_state_
 from tests.test_model import LAYER_TYPES, V, randomize_, small_model
 
 
@@ -32,8 +32,8 @@ def two_segments(model, x):
 def removed_parameters_per_head(model) -> int:
     """Parameters one head owns: q/k/v/r rows, W_o columns, u and v', persistent K/V, its gate."""
     c = model.config
-    n_persistent = c["n_persistent"] if c["layer_type"] == "all_attention" else 0
-    return 5 * c["d_model"] * c["d_head"] + 2 * c["d_head"] + 2 * n_persistent * c["d_head"] + 1
+    n_persistent = c.n_persistent if c.layer_type == "all_attention" else 0
+    return 5 * c.d_model * c.d_head + 2 * c.d_head + 2 * n_persistent * c.d_head + 1
 
 
 def test_gates_disabled_is_the_dense_model_bit_for_bit():

@@ -18,10 +18,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from datamodules.wikitext import WikiTextDataModule
-from lightning_modules.checkpoint_io import AtomicCheckpointIO
 from lightning_modules.cli import run as run_cli
-from lightning_modules.language_model import LanguageModel
 from lightning_modules.model import MemoryTransformerLM
+from lightning_modules.training.checkpoint_io import AtomicCheckpointIO
+from lightning_modules.training.language_model import LanguageModel
 from tests.conftest import write_corpus
 from tests.test_cli import tiny_args
 from tests.test_head_pruning import prune_args

@@ -41,7 +41,7 @@ def test_bad_callback_arguments_are_rejected(kwargs, message):
 
 
 def test_spawned_ddp_is_rejected_with_the_fix_in_the_message():
-    from lightning_modules.language_model import LanguageModel
+    from lightning_modules.training.language_model import LanguageModel
     from tests.test_language_model import tiny_model
 
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False)

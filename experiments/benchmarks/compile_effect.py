@@ -20,7 +20,7 @@ from common import emit
 from throughput import WIKITEXT2, WORKLOAD, Workload, build, token_batch
 from timing import interleaved_medians
 
-from lightning_modules.cpu_allocator import ALLOCATOR_MODES, configure_cpu_allocator
+from lightning_modules.training.cpu_allocator import ALLOCATOR_MODES, configure_cpu_allocator
 
 
 def seconds(fn) -> float:

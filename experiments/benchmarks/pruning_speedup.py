@@ -21,8 +21,8 @@ import torch
 from common import emit, run_stack
 from timing import interleaved_medians
 
-from lightning_modules.cpu_allocator import ALLOCATOR_MODES, configure_cpu_allocator
 from lightning_modules.model import MemoryTransformerLM
+from lightning_modules.training.cpu_allocator import ALLOCATOR_MODES, configure_cpu_allocator
 
 PAPER_SHAPES = dict(d_model=512, n_heads=8, d_head=64, n_persistent=2048, d_inner=2048, tgt_len=192, mem_len=192,
                     cutoffs=[], div_value=1.0, dropout=0.0, dropemb=0.0, dropatt=0.0, max_len=512)

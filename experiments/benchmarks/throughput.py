@@ -33,16 +33,16 @@ import torch
 from common import emit, run_stack
 from timing import interleaved_medians, matmul_probe
 
-from lightning_modules.cpu_allocator import ALLOCATOR_MODES, configure_cpu_allocator
-from lightning_modules.model import MemoryTransformerLM
-from lightning_modules.slicing import slice_optimizer_state_
+from lightning_modules.model import LAYER_TYPES, MemoryTransformerLM
+from lightning_modules.model.slicing import slice_optimizer_state_
+from lightning_modules.training.cpu_allocator import ALLOCATOR_MODES, configure_cpu_allocator
 
 W1 = dict(vocab_size=33278, cutoffs=[2000, 10000], div_value=4.0, n_layers=4, d_model=256, n_heads=8, d_head=32,
           n_persistent=1024, d_inner=1024, tgt_len=64, mem_len=64, dropout=0.0, dropemb=0.0, dropatt=0.0,
           max_len=128)
 BATCH = 8
 WORKLOAD = "W1"
-LAYER_TYPES = ("all_attention", "transformer_xl")
+
 OTHER_IMPLS = ("sdpa", "reference")  # attention cores timed beside the default one ("auto": "joint" on CPU)
 WIKITEXT2 = Path(__file__).resolve().parents[3] / "shared" / "data" / "wikitext-2"
 

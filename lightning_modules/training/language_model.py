@@ -15,17 +15,18 @@ from pytorch_lightning.cli import OptimizerCallable
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import SumMetric
 
-from lightning_modules.adaptive import IGNORE_INDEX
-from lightning_modules.checkpoint_layout import (
+from lightning_modules.model import MemoryTransformerLM
+from lightning_modules.model.adaptive import IGNORE_INDEX
+from lightning_modules.training.checkpoint_layout import (
     CHECKPOINT_KEY,
     apply_layout,
     fill_optional_entries,
     layout_record,
     load_dense_weights,
     read_checkpoint,
+    recorded_config,
 )
-from lightning_modules.model import MemoryTransformerLM
-from lightning_modules.optim import warmup_cosine_factor
+from lightning_modules.training.optim import warmup_cosine_factor
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ class LanguageModel(pl.LightningModule):
     Args:
         model: The language model (a plain ``nn.Module``).
         optimizer: Builds the optimiser from the parameters, e.g. ``torch.optim.AdamW`` or
-            ``lightning_modules.optim.Lamb`` with their arguments.
+            ``lightning_modules.training.optim.Lamb`` with their arguments.
         lr_schedule: ``cosine`` (linear warm-up, then cosine decay to ``min_lr_ratio`` of the peak) or
             ``constant`` (warm-up, then the peak).
         warmup_steps: Optimiser steps of linear warm-up.
@@ -232,7 +233,7 @@ class LanguageModel(pl.LightningModule):
                 raise FileNotFoundError(f"{error}. It is model.init_from, the baseline this run starts from; when "
                                         "resuming with --ckpt_path, pass --model.init_from=null") from error
             log.info("initialised %d weight tensors from %s; gates start at log_alpha=%s", loaded, self.init_from,
-                     self.model.config["gate_init"])
+                     self.model.config.gate_init)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CHECKPOINT_KEY] = layout_record(self.model)
@@ -253,7 +254,7 @@ class LanguageModel(pl.LightningModule):
             if record is None:
                 raise ValueError(f"{checkpoint_path} has no headprune model record; pass model=MemoryTransformerLM(...)"
                                  " built with the configuration it was trained with")
-            kwargs["model"] = MemoryTransformerLM(**record["model_config"])
+            kwargs["model"] = MemoryTransformerLM.from_config(recorded_config(record, str(checkpoint_path)))
         return super().load_from_checkpoint(checkpoint_path, map_location=map_location, **kwargs)
 
     def on_fit_start(self) -> None:

@@ -8,9 +8,9 @@ Each has a :class:`HardConcreteGate` over its heads (used only when the model sw
 
 from torch import Tensor, nn
 
-from lightning_modules.attention import RelativeMultiHeadAttention
-from lightning_modules.gates import HardConcreteGate
-from lightning_modules.slicing import ParameterSlice, slice_parameter_
+from lightning_modules.model.attention import RelativeMultiHeadAttention
+from lightning_modules.model.gates import HardConcreteGate
+from lightning_modules.model.slicing import ParameterSlice, slice_parameter_
 
 
 class GatedHeadsMixin:

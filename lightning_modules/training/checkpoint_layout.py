@@ -6,23 +6,20 @@ from typing import Any
 
 import torch
 
-from lightning_modules.model import MemoryTransformerLM
+from lightning_modules.model import MemoryTransformerLM, ModelConfig
 
 CHECKPOINT_KEY = "headprune"
 LAYOUT_FORMAT = 1
 GATE_SUFFIX = "gate.log_alpha"
 # entries a checkpoint written before head gates existed lacks; the model's own values stand in for them
 OPTIONAL_SUFFIXES = (GATE_SUFFIX, "attn.head_ids")
-# configuration entries that fix parameter shapes; the rest (dropouts, gate settings...) may differ between runs
-STRUCTURAL_KEYS = ("vocab_size", "layer_type", "n_layers", "d_model", "n_heads", "d_head", "cutoffs", "div_value",
-                   "max_len")
 
 
 def layout_record(model: MemoryTransformerLM) -> dict[str, Any]:
     """The checkpoint entry for ``model``: its constructor configuration, head layout and gating switch."""
     return {
         "format": LAYOUT_FORMAT,
-        "model_config": dict(model.config),
+        "model_config": model.config.to_dict(),
         "heads_per_layer": model.heads_per_layer,
         "head_ids": model.head_ids,
         "gates_enabled": model.gates_enabled,
@@ -43,12 +40,12 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
                          "it is truncated or not a checkpoint") from error
 
 
-def _structural_entries(config: dict[str, Any]) -> dict[str, Any]:
-    entries = {key: config.get(key) for key in STRUCTURAL_KEYS}
-    entries["cutoffs"] = list(entries["cutoffs"] or [])
-    width = "n_persistent" if config.get("layer_type") == "all_attention" else "d_inner"
-    entries[width] = config.get(width)
-    return entries
+def recorded_config(record: dict[str, Any], source: str) -> ModelConfig:
+    """The model configuration a layout record holds, validated; a one-line error names what does not fit."""
+    try:
+        return ModelConfig.from_dict(record["model_config"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"{source} records a model configuration this version cannot build ({error})") from error
 
 
 def check_compatible(model: MemoryTransformerLM, record: dict[str, Any], source: str) -> None:
@@ -56,7 +53,7 @@ def check_compatible(model: MemoryTransformerLM, record: dict[str, Any], source:
     if record.get("format") != LAYOUT_FORMAT:
         raise ValueError(f"{source} has headprune layout format {record.get('format')!r}; this version reads "
                          f"format {LAYOUT_FORMAT}")
-    saved, ours = _structural_entries(record["model_config"]), _structural_entries(model.config)
+    saved, ours = recorded_config(record, source).shape_entries(), model.config.shape_entries()
     diffs = [f"{key}: {saved[key]!r} there, {ours.get(key)!r} here" for key in saved if saved[key] != ours.get(key)]
     if diffs:
         hint = (" (a different vocabulary: use the data settings the checkpoint was trained with)"

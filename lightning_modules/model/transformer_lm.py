@@ -5,22 +5,24 @@ Forward: adaptive embedding -> input dropout -> x sqrt(d) -> layers, each with i
 -> tied adaptive softmax. No final LayerNorm.
 """
 
+from __future__ import annotations
+
+import dataclasses
+import inspect
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from itertools import pairwise
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from lightning_modules.adaptive import AdaptiveEmbedding, AdaptiveSoftmax, cluster_dims
-from lightning_modules.attention import ATTN_IMPLS, RelativeMultiHeadAttention
-from lightning_modules.gates import HardConcreteGate
-from lightning_modules.layers import AllAttentionLayer, FeedForward, TransformerXLLayer
-from lightning_modules.slicing import ParameterSlice
-
-LAYER_TYPES = ("all_attention", "transformer_xl")
+from lightning_modules.model.adaptive import AdaptiveEmbedding, AdaptiveSoftmax
+from lightning_modules.model.attention import RelativeMultiHeadAttention
+from lightning_modules.model.config import ATTN_IMPLS, ModelConfig
+from lightning_modules.model.gates import HardConcreteGate
+from lightning_modules.model.layers import AllAttentionLayer, FeedForward, TransformerXLLayer
+from lightning_modules.model.slicing import ParameterSlice
 
 
 @dataclass
@@ -43,116 +45,69 @@ def _uniform_(t: Tensor, bound: float) -> None:
     nn.init.uniform_(t, -bound, bound)
 
 
+def _keyword_signature() -> inspect.Signature:
+    """``MemoryTransformerLM(**settings)`` as an explicit keyword signature generated from ModelConfig's fields,
+    so ``inspect.signature``, ``help()`` and the CLI's argument parser (jsonargparse) see every setting with its
+    type and default while the fields stay the one list."""
+    params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    for f in dataclasses.fields(ModelConfig):
+        default = inspect.Parameter.empty if f.default is dataclasses.MISSING else f.default
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=f.type))
+    return inspect.Signature(params, return_annotation=None)
+
+
 class MemoryTransformerLM(nn.Module):
     """Language model over segments of T tokens with a recurrence memory of mem_len positions per layer.
 
-    Args:
-        vocab_size: number of word types V (ids sorted by frequency, as the adaptive softmax expects).
-        layer_type: "all_attention" (PAPER 1.2) or "transformer_xl" (attention + FFN).
-        n_layers, d_model, n_heads, d_head: L, d, H and the per-head width D.
-        n_persistent: persistent key/value slots per head N (All-attention only).
-        d_inner: FFN width (Transformer-XL only).
-        tgt_len: segment length the model is trained at (used for FLOP accounting and argument checks).
-        mem_len: memory length M; `memory=None` means M zeros, so S = M + T keys of context.
-        cutoffs: adaptive softmax/input cluster boundaries, strictly increasing and < vocab_size;
-            empty = a plain full softmax tied to a plain embedding.
-        div_value: each cluster is div_value times narrower than the previous one.
-        dropout: residual dropout (also inside the FFN).
-        dropatt: attention-probability dropout, over context and persistent slots alike.
-        dropemb: input dropout, on the embedding output and on the position table.
-        word_dropout: drops whole word types from the input embedding tables (training only).
-        dropout_out: dropout before the softmax; None = 1 - (1 - dropout)**2, the same distribution as the
-            official code's two consecutive dropouts (proj_drop, output_drop).
-        same_length: each query attends exactly mem_len + 1 context keys (PAPER 1.1); else plain causal.
-        max_len: rows of the learned position table P; mem_len + T must not exceed it.
-        init_s1: uniform init bound for embeddings, adaptive projections, W_o and P; None = sqrt(1/d).
-        init_s2: uniform init bound for W_q/k/v/r, FFN, cluster logits and persistent K/V;
-            None = sqrt(1/(d·L)) (PAPER 1.3).
-        attn_impl: the attention core: "auto" ("joint" on CPU, "sdpa" elsewhere), "joint" (one softmax over context
-            and persistent slots, hand-written backward, fused no-grad kernels), "sdpa" (scaled_dot_product_attention
-            with an additive bias) or "reference" (explicit softmax). All compute the same function.
-        gate_init: initial log-alpha of every head gate (PAPER 3.2: 2.0 keeps heads open 88% of training steps).
-        gate_beta, gate_gamma, gate_zeta: hard-concrete temperature and stretch interval (PAPER 2).
-        output_scaling: when gating, multiply a layer's head outputs by heads / open heads (no gradient through
-            the factor), so shutting heads keeps the layer's output scale (PAPER 3.3); folded into W_o when
-            heads are removed.
+    Built from keyword settings, the fields of :class:`ModelConfig` (which documents each one), e.g.
+    ``MemoryTransformerLM(vocab_size=33278, layer_type="all_attention", n_layers=4, d_model=256, ...)``, or from a
+    config with :meth:`from_config`. ``model.config`` is the validated :class:`ModelConfig`.
 
-    Pruning API (see DESIGN "Contracts"): ``gates_enabled``, ``l0_penalty``, ``expected_open_heads``,
+    Pruning API (see docs/design.md#the-pruning-api): ``gates_enabled``, ``l0_penalty``, ``expected_open_heads``,
     ``head_keep_mask``, ``prune_heads``, ``heads_per_layer``, ``head_ids``. Gates are off after construction:
     the model is then the dense baseline, bit for bit.
     """
 
-    def __init__(
-        self,
-        vocab_size: int,
-        layer_type: str = "all_attention",
-        n_layers: int = 16,
-        d_model: int = 512,
-        n_heads: int = 8,
-        d_head: int = 64,
-        n_persistent: int = 2048,
-        d_inner: int = 2048,
-        tgt_len: int = 192,
-        mem_len: int = 192,
-        cutoffs: Sequence[int] = (20000, 40000, 200000),
-        div_value: float = 4.0,
-        dropout: float = 0.1,
-        dropatt: float = 0.0,
-        dropemb: float = 0.1,
-        word_dropout: float = 0.0,
-        dropout_out: float | None = None,
-        same_length: bool = True,
-        max_len: int = 512,
-        init_s1: float | None = None,
-        init_s2: float | None = None,
-        attn_impl: str = "auto",
-        gate_init: float = 2.0,
-        gate_beta: float = 0.333,
-        gate_gamma: float = -0.1,
-        gate_zeta: float = 1.1,
-        output_scaling: bool = False,
-    ) -> None:
+    def __init__(self, **settings: Any) -> None:
         super().__init__()
-        # every constructor argument, so a checkpoint can rebuild this model (see LanguageModel.load_from_checkpoint)
-        self.config: dict[str, Any] = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
-        self.config["cutoffs"] = list(cutoffs)
-        cutoffs = list(cutoffs)
-        if dropout_out is None:
-            dropout_out = 1 - (1 - dropout) ** 2
-        _check_args(
-            vocab_size=vocab_size, layer_type=layer_type, n_layers=n_layers, d_model=d_model, n_heads=n_heads,
-            d_head=d_head, n_persistent=n_persistent, d_inner=d_inner, tgt_len=tgt_len, mem_len=mem_len,
-            cutoffs=cutoffs, div_value=div_value, dropouts={"dropout": dropout, "dropatt": dropatt,
-            "dropemb": dropemb, "word_dropout": word_dropout, "dropout_out": dropout_out},
-            same_length=same_length, max_len=max_len, attn_impl=attn_impl,
-        )
-        self.vocab_size, self.layer_type, self.n_layers, self.d_model = vocab_size, layer_type, n_layers, d_model
-        self.tgt_len, self.mem_len, self.max_len = tgt_len, mem_len, max_len
+        self.config = config = ModelConfig(**settings)
+        self.vocab_size, self.layer_type, self.n_layers = config.vocab_size, config.layer_type, config.n_layers
+        self.d_model, self.tgt_len, self.mem_len, self.max_len = (config.d_model, config.tgt_len, config.mem_len,
+                                                                  config.max_len)
+        d_model, n_heads, d_head = config.d_model, config.n_heads, config.d_head
 
-        self.embedding = AdaptiveEmbedding(vocab_size, d_model, cutoffs, div_value, word_dropout)
-        self.drop_emb = nn.Dropout(dropemb)
-        self.pos_table = nn.Parameter(torch.empty(max_len, d_model))  # learned P; row r <-> distance S-1-r
+        self.embedding = AdaptiveEmbedding(config.vocab_size, d_model, config.cutoffs, config.div_value,
+                                           config.word_dropout)
+        self.drop_emb = nn.Dropout(config.dropemb)
+        self.pos_table = nn.Parameter(torch.empty(config.max_len, d_model))  # learned P; row r <-> distance S-1-r
+
         def gate() -> HardConcreteGate:
-            return HardConcreteGate(n_heads, gate_init, gate_beta, gate_gamma, gate_zeta)
+            return HardConcreteGate(n_heads, config.gate_init, config.gate_beta, config.gate_gamma, config.gate_zeta)
 
-        common = dict(dropout=dropout, dropatt=dropatt, same_length=same_length, attn_impl=attn_impl)
-        if layer_type == "all_attention":
-            layers = [AllAttentionLayer(d_model, n_heads, d_head, n_persistent, **common, gate=gate())
-                      for _ in range(n_layers)]
+        common = dict(dropout=config.dropout, dropatt=config.dropatt, same_length=config.same_length,
+                      attn_impl=config.attn_impl)
+        if config.layer_type == "all_attention":
+            layers = [AllAttentionLayer(d_model, n_heads, d_head, config.n_persistent, **common, gate=gate())
+                      for _ in range(config.n_layers)]
         else:
-            layers = [TransformerXLLayer(d_model, n_heads, d_head, d_inner, **common, gate=gate())
-                      for _ in range(n_layers)]
+            layers = [TransformerXLLayer(d_model, n_heads, d_head, config.d_inner, **common, gate=gate())
+                      for _ in range(config.n_layers)]
         self.layers = nn.ModuleList(layers)
-        self.output_scaling = output_scaling
+        self.output_scaling = config.output_scaling
         self._gates_enabled = False
         self._layers_compiled = False
         self._refresh_requires_grad()
-        self.drop_out = nn.Dropout(dropout_out)
-        self.softmax = AdaptiveSoftmax(self.embedding)  # tied to the embedding (PAPER 1.4)
+        self.drop_out = nn.Dropout(config.output_dropout)
+        self.softmax = AdaptiveSoftmax(self.embedding)  # tied to the embedding (docs/method.md §1.4)
 
-        s1 = math.sqrt(1 / d_model) if init_s1 is None else init_s1
-        s2 = math.sqrt(1 / (d_model * n_layers)) if init_s2 is None else init_s2
+        s1 = math.sqrt(1 / d_model) if config.init_s1 is None else config.init_s1
+        s2 = math.sqrt(1 / (d_model * config.n_layers)) if config.init_s2 is None else config.init_s2
         self._init_weights(s1, s2)
+
+    @classmethod
+    def from_config(cls, config: ModelConfig) -> MemoryTransformerLM:
+        """A freshly initialised model with the settings of ``config``."""
+        return cls(**config.to_dict())
 
     @torch.no_grad()
     def _init_weights(self, s1: float, s2: float) -> None:
@@ -386,7 +341,7 @@ class MemoryTransformerLM(nn.Module):
     @property
     def total_heads(self) -> int:
         """Heads the model was built with (the denominator of sparsity)."""
-        return self.config["n_heads"] * self.n_layers
+        return self.config.n_heads * self.n_layers
 
     def prune_heads(self, heads: Mapping[int, Sequence[int]]) -> list[ParameterSlice]:
         """Physically remove heads: ``{layer: [head, ...]}``, head numbers indexing the layer's *current* heads.
@@ -492,60 +447,4 @@ class MemoryTransformerLM(nn.Module):
         }
 
 
-def _check_args(
-    *,
-    vocab_size: int,
-    layer_type: str,
-    n_layers: int,
-    d_model: int,
-    n_heads: int,
-    d_head: int,
-    n_persistent: int,
-    d_inner: int,
-    tgt_len: int,
-    mem_len: int,
-    cutoffs: list[int],
-    div_value: float,
-    dropouts: dict[str, float],
-    same_length: bool,
-    max_len: int,
-    attn_impl: str,
-) -> None:
-    """Raise a ValueError that says what is wrong with the constructor arguments and how to fix it."""
-    if layer_type not in LAYER_TYPES:
-        raise ValueError(f"layer_type must be one of {LAYER_TYPES}; got {layer_type!r}")
-    if attn_impl not in ATTN_IMPLS:
-        raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}; got {attn_impl!r}")
-    sizes = {"vocab_size": vocab_size, "n_layers": n_layers, "d_model": d_model, "n_heads": n_heads,
-             "d_head": d_head, "tgt_len": tgt_len, "max_len": max_len}
-    if layer_type == "all_attention":
-        sizes["n_persistent"] = n_persistent
-    else:
-        sizes["d_inner"] = d_inner
-    for name, value in sizes.items():
-        if not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name} must be a positive integer; got {value!r}")
-    if not isinstance(mem_len, int) or mem_len < 0:
-        raise ValueError(f"mem_len must be a non-negative integer; got {mem_len!r}")
-    if same_length and mem_len == 0:
-        raise ValueError("same_length=True with mem_len=0 lets each token see only itself; "
-                         "set same_length=False or mem_len > 0")
-    if tgt_len + mem_len > max_len:
-        raise ValueError(f"tgt_len + mem_len = {tgt_len + mem_len} exceeds max_len={max_len}, the number of "
-                         "position-table rows; raise max_len or shorten tgt_len/mem_len")
-    for name, p in dropouts.items():
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"{name} must be in [0, 1); got {p!r}")
-    if any(not isinstance(c, int) for c in cutoffs):
-        raise ValueError(f"cutoffs must be integers; got {cutoffs!r}")
-    if any(b <= a for a, b in pairwise([0, *cutoffs])):
-        raise ValueError(f"cutoffs must be positive and strictly increasing; got {cutoffs!r}")
-    if cutoffs and cutoffs[-1] >= vocab_size:
-        raise ValueError(f"every cutoff must be < vocab_size={vocab_size}; got {cutoffs!r} "
-                         "(drop the cutoffs at or above the vocabulary size)")
-    if div_value < 1:
-        raise ValueError(f"div_value must be >= 1 (1 = every cluster at full width); got {div_value!r}")
-    dims = cluster_dims(d_model, len(cutoffs) + 1, div_value)
-    if dims[-1] < 1:
-        raise ValueError(f"div_value={div_value} with {len(cutoffs)} cutoffs makes the last cluster's width "
-                         f"d_model // div_value**{len(cutoffs)} = 0; use fewer cutoffs or a smaller div_value")
+MemoryTransformerLM.__init__.__signature__ = _keyword_signature()

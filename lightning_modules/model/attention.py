@@ -12,10 +12,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from lightning_modules.joint_attention import joint_attention
-from lightning_modules.slicing import ParameterSlice, slice_parameter_
-
-ATTN_IMPLS = ("auto", "joint", "sdpa", "reference")
+from lightning_modules.model.config import ATTN_IMPLS
+from lightning_modules.model.joint_attention import joint_attention
+from lightning_modules.model.slicing import ParameterSlice, slice_parameter_
 
 
 def resolve_impl(impl: str, device: torch.device) -> str:
