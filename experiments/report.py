@@ -18,7 +18,7 @@ from pathlib import Path
 
 RUN_FILE = "run.json"
 RESULT_FIELDS = ("name", "layer_type", "role", "target_sparsity", "test_ppl", "params_total", "params_non_embedding",
-                 "flops_per_token", "heads", "heads_per_layer", "tokens_per_s", "steps")
+                 "macs_per_token", "heads", "heads_per_layer", "tokens_per_s", "steps")
 
 
 @dataclass
@@ -32,7 +32,7 @@ class RunResult:
     test_ppl: float
     params_total: int
     params_non_embedding: int
-    flops_per_token: int
+    macs_per_token: int
     heads: int
     heads_per_layer: list[int] = field(default_factory=list)
     tokens_per_s: float = math.nan
@@ -68,15 +68,17 @@ def read_run(folder: Path) -> RunResult:
         name=meta["name"], layer_type=meta["layer_type"], role=meta["role"],
         target_sparsity=meta.get("target_sparsity"), test_ppl=metrics["test/ppl"],
         params_total=int(metrics["test/params_total"]), params_non_embedding=int(metrics["test/params_non_embedding"]),
-        flops_per_token=int(metrics["test/flops_per_token"]), heads=int(metrics["test/heads"]),
+        macs_per_token=int(metrics["test/macs_per_token"]), heads=int(metrics["test/heads"]),
         heads_per_layer=[int(metrics[k]) for k in layers], tokens_per_s=metrics.get("test/tokens_per_s", math.nan),
         steps=meta.get("steps"), folder=folder,
     )
 
 
 def collect(root: Path) -> list[RunResult]:
-    """Every run under ``root`` (any depth), dense before pruned, then by name."""
-    runs = [read_run(path.parent) for path in sorted(root.glob(f"**/{RUN_FILE}"))]
+    """Every dense and pruned run under ``root`` (any depth; learning-rate sweep runs are left out), dense
+    before pruned, then by name."""
+    folders = [path.parent for path in sorted(root.glob(f"**/{RUN_FILE}"))]
+    runs = [read_run(f) for f in folders if json.loads((f / RUN_FILE).read_text())["role"] in ("dense", "pruned")]
     return sorted(runs, key=lambda r: (r.layer_type, r.role != "dense", r.target_sparsity or 0.0, r.name))
 
 
@@ -93,7 +95,7 @@ def markdown_table(runs: list[RunResult]) -> str:
         target = f"{r.target_sparsity:.0%}" if r.target_sparsity else ""
         lines.append(f"| {r.name} | {r.layer_type} | {target} | {', '.join(map(str, r.heads_per_layer))} | "
                      f"{r.test_ppl:.1f} | {ppl_change} | {r.params_total:,} | {r.params_non_embedding:,} | "
-                     f"{r.flops_per_token:,} | {r.tokens_per_s:,.0f} | {speedup} |")
+                     f"{r.macs_per_token:,} | {r.tokens_per_s:,.0f} | {speedup} |")
     return "\n".join(lines)
 
 

@@ -310,20 +310,20 @@ def test_paper_config_parameter_counts():
     assert txl.parameter_counts()["per_layer"] == [3_412_992 + 1_024 + 8] * 16
 
 
-def test_paper_config_flops_per_token():
+def test_paper_config_macs_per_token():
     with torch.device("meta"):
         all_att = MemoryTransformerLM(layer_type="all_attention", **PAPER)
         txl = MemoryTransformerLM(layer_type="transformer_xl", **PAPER)
-    flops = all_att.flops_per_token()
+    macs = all_att.macs_per_token()
     # PAPER 1.5 at S = 384, N = 2048: 8 heads · 466,944 = 3,735,552 MACs per token per layer
-    assert flops["context_len"] == 384
-    assert flops["per_layer"] == [8 * 466_944] * 16 and flops["layers"] == 16 * 3_735_552
+    assert macs["context_len"] == 384
+    assert macs["per_layer"] == [8 * 466_944] * 16 and macs["layers"] == 16 * 3_735_552
     # TXL: attention 8 · (4·512·64 + 3·384·64) = 1,638,400 + FF 2·512·2048 = 2,097,152: the same total
-    assert txl.flops_per_token()["per_layer"] == [1_638_400 + 2_097_152] * 16
+    assert txl.macs_per_token()["per_layer"] == [1_638_400 + 2_097_152] * 16
     # adaptive softmax head: shortlist proj 512² + 20000·512 + 3 cluster logits·512
-    assert flops["softmax_head"] == 512 * 512 + 20000 * 512 + 3 * 512
-    assert flops["softmax_tails"] == [20000 * 128 + 512 * 128, 160000 * 32 + 512 * 32, 67735 * 8 + 512 * 8]
-    assert flops["total"] == flops["layers"] + flops["softmax_full"]
+    assert macs["softmax_head"] == 512 * 512 + 20000 * 512 + 3 * 512
+    assert macs["softmax_tails"] == [20000 * 128 + 512 * 128, 160000 * 32 + 512 * 32, 67735 * 8 + 512 * 8]
+    assert macs["total"] == macs["layers"] + macs["softmax_full"]
 
 
 # ------------------------------------------------------------------------------------------- arguments

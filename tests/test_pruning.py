@@ -73,7 +73,7 @@ def test_pruned_model_equals_gated_model_in_eval_and_loses_exactly_the_removed_s
     for a, b in zip(pruned_memory, gated_memory, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
     assert before - model.num_parameters(include_embeddings=False) == 6 * removed_parameters_per_head(model)
-    assert model.flops_per_token()["per_layer"][1] == (0 if layer_type == "all_attention" else 2 * 32 * 64)
+    assert model.macs_per_token()["per_layer"][1] == (0 if layer_type == "all_attention" else 2 * 32 * 64)
 
 
 def test_a_layer_with_every_head_removed_is_the_identity():
@@ -82,7 +82,7 @@ def test_a_layer_with_every_head_removed_is_the_identity():
     h = torch.randn(2, 8, 32, dtype=torch.double)
     layer = model.layers[0]
     assert torch.equal(layer(h, None, model.pos_table[-8:]), h)
-    assert model.flops_per_token()["per_layer"][0] == 0
+    assert model.macs_per_token()["per_layer"][0] == 0
     assert not any(p.requires_grad for p in layer.parameters()), "unused parameters would stall DDP"
 
 

@@ -6,7 +6,7 @@ memory of 192), removes 0/25/50/75% of the heads of every layer with ``prune_hea
   - training step: forward + backward + AdamW step of the same stack.
 Each figure is the median over ``--repeats`` timed rounds after ``--warmup`` untimed ones, every pruning level timed
 in each round (interleaved), so slow drifts of a shared machine hit them alike. Printed next to each
-speed-up is the ideal one, the ratio of the layers' multiply-accumulates (the model's own FLOP accounting) and of
+speed-up is the ideal one, the ratio of the layers' multiply-accumulates (the model's own MAC accounting) and of
 their parameters. Only the layer stack is timed: embeddings and the adaptive softmax do not change with pruning.
 One JSON line per figure. Not a test: figures vary by machine.
 
@@ -50,7 +50,7 @@ class Stack:
         self.memory = [torch.randn(args.batch, M, d, generator=gen).to(device) for _ in range(args.layers)]
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-4,
                                            fused=True)
-        self.macs = self.model.flops_per_token()["layers"]
+        self.macs = self.model.macs_per_token()["layers"]
         self.params = self.model.num_parameters(include_embeddings=False)
 
     def eval_step(self) -> None:

@@ -14,10 +14,10 @@ with like on a shared machine. Prints one JSON line per figure, each with the ta
   - ``{eval,train}_tokens_per_s`` of the whole model (embedding, layers, adaptive softmax with targets), and
     ``all_attention_vs_transformer_xl_{eval,train}`` (target >= 1.0);
   - ``layer_stack_eval_speedup`` with 50% / 75% of every layer's heads removed (targets 1.95x / 3.6x),
-    ``model_eval_speedup`` at 50% against the FLOP-accounting ideal (target >= 95% of it), and
+    ``model_eval_speedup`` at 50% against the MAC-accounting ideal (target >= 95% of it), and
     ``train_step_speedup_after_removal``: the training step of a model that removed half its heads in-run
     (optimizer state sliced, as HeadPruning does) over the same model's step before the removal, against the same
-    FLOP ideal as the whole-model eval.
+    MAC ideal as the whole-model eval.
 
     python experiments/benchmarks/throughput.py [--repeats 15] [--threads 2] [--sections efficiency,pruning]
 """
@@ -107,7 +107,7 @@ class Workload:
 
     def layer_flops(self, training: bool) -> int:
         """FLOPs of one pass of the layer stack over the segment (2 per MAC; x3 for forward + backward)."""
-        return (6 if training else 2) * self.model.flops_per_token()["layers"] * self.x.numel()
+        return (6 if training else 2) * self.model.macs_per_token()["layers"] * self.x.numel()
 
 
 def build(layer_type: str, removed: float = 0.0, attn_impl: str = "auto") -> MemoryTransformerLM:
@@ -167,15 +167,15 @@ def removal_in_run(x: torch.Tensor, y: torch.Tensor, layer_type: str, removed: f
     return w
 
 
-def with_targets(flops: dict) -> int:
+def with_targets(macs: dict) -> int:
     """MACs per token of a forward with targets: the layers and the adaptive softmax's head. A tail cluster is
-    paid only by the tokens whose target is in it (18% on WikiText-2), so it is left out, as the issue's 1.76x
-    ideal leaves it out; this makes the ideal slightly higher than the work really done."""
-    return flops["layers"] + flops["softmax_head"]
+    paid only by the tokens whose target is in it (18% on WikiText-2), so it is left out; this makes the ideal
+    slightly higher than the work really done."""
+    return macs["layers"] + macs["softmax_head"]
 
 
 def pruning(args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor, extra: dict) -> None:
-    """Speed-ups of physically pruned models over the dense one, against the FLOP-accounting ideal."""
+    """Speed-ups of physically pruned models over the dense one, against the MAC-accounting ideal."""
     for lt in LAYER_TYPES:
         dense = Workload(build(lt), x, y)
         pruned = {r: Workload(build(lt, r), x, y) for r in (0.5, 0.75)}
@@ -188,21 +188,21 @@ def pruning(args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor, extra: d
         for r, w in pruned.items():
             fns |= {f"{r}/stack": w.stack_eval, f"{r}/model": w.model_eval}
         t = interleaved_medians(fns, args.repeats)
-        flops_dense, targets = dense.model.flops_per_token(), {0.5: 1.95, 0.75: 3.6}
+        macs_dense, targets = dense.model.macs_per_token(), {0.5: 1.95, 0.75: 3.6}
         for r, w in pruned.items():
-            flops = w.model.flops_per_token()
+            macs = w.model.macs_per_token()
             common = dict(layer_type=lt, heads_removed=r, **extra)
             target = {"target": targets[r]} if lt == "all_attention" else {}  # Transformer-XL: for contrast
             emit(WORKLOAD, "layer_stack_eval_speedup", round(t["dense/stack"] / t[f"{r}/stack"], 3), "x",
-                 ideal=round(flops_dense["layers"] / flops["layers"], 3), **target,
+                 ideal=round(macs_dense["layers"] / macs["layers"], 3), **target,
                  dense_ms=round(1e3 * t["dense/stack"], 2), pruned_ms=round(1e3 * t[f"{r}/stack"], 2), **common)
             if r == 0.5:
-                ideal = with_targets(flops_dense) / with_targets(flops)
+                ideal = with_targets(macs_dense) / with_targets(macs)
                 speedup = t["dense/model"] / t[f"{r}/model"]
                 emit(WORKLOAD, "model_eval_speedup", round(speedup, 3), "x", ideal=round(ideal, 3),
                      fraction_of_ideal=round(speedup / ideal, 3), **({"target": "0.95 of ideal"} if target else {}),
                      dense_ms=round(1e3 * t["dense/model"], 2), pruned_ms=round(1e3 * t[f"{r}/model"], 2), **common)
-        ideal_train = with_targets(flops_dense) / with_targets(after.model.flops_per_token())
+        ideal_train = with_targets(macs_dense) / with_targets(after.model.macs_per_token())
         speedup = t["before/train"] / t["after/train"]
         emit(WORKLOAD, "train_step_speedup_after_removal", round(speedup, 3), "x", ideal=round(ideal_train, 3),
              fraction_of_ideal=round(speedup / ideal_train, 3), before_ms=round(1e3 * t["before/train"], 2),

@@ -13,12 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_modules.model.precision import at_least_fp32
+
 IGNORE_INDEX = -100  # targets with this value are not scored: their NLL is exactly 0
-
-
-def _at_least_fp32(x: Tensor) -> Tensor:
-    """x in float32, or as is if already float32 or wider: log-softmax stays fp32 under autocast."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def cluster_dims(d_model: int, n_clusters: int, div_value: float) -> list[int]:
@@ -110,13 +107,13 @@ class AdaptiveSoftmax(nn.Module):
         logits = F.linear(x, self.out_weights[0], self.bias[: self.bounds[1]])  # (n, c1)
         if self.cluster is not None:
             logits = torch.cat([logits, self.cluster(h).to(logits.dtype)], dim=-1)  # (n, c1 + n_tails)
-        return _at_least_fp32(logits).log_softmax(dim=-1)
+        return at_least_fp32(logits).log_softmax(dim=-1)
 
     def _tail_log_probs(self, h: Tensor, i: int) -> Tensor:
         """h [n, d] -> log p(w | cluster i) (>= fp32) over the words of tail cluster i >= 1, [n, n_i]."""
         x = h if len(self.tail_projs) == 0 else F.linear(h, self.tail_projs[i - 1].t())  # (n, d_i)
         lo, hi = self.bounds[i], self.bounds[i + 1]
-        return _at_least_fp32(F.linear(x, self.out_weights[i], self.bias[lo:hi])).log_softmax(dim=-1)
+        return at_least_fp32(F.linear(x, self.out_weights[i], self.bias[lo:hi])).log_softmax(dim=-1)
 
     def nll(self, h: Tensor, targets: Tensor) -> Tensor:
         """Per-token negative log-likelihood. h [B, T, d], targets [B, T] -> fp32 [B, T]; 0 where target is
@@ -151,7 +148,7 @@ class AdaptiveSoftmax(nn.Module):
         """nll(h, targets) [B, T] when targets are given, else log_probs(h) [B, T, V]."""
         return self.log_probs(h) if targets is None else self.nll(h, targets)
 
-    def flops_per_token(self) -> dict[str, int | list[int]]:
+    def macs_per_token(self) -> dict[str, int | list[int]]:
         """Forward multiply-accumulates per token: `head` (always paid), `tails` (cluster i's cost, paid
         for a token whose target is in it, or for every token when the full distribution is needed) and
         `full` = head + all tails."""

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from lightning_modules.model.config import ATTN_IMPLS
 from lightning_modules.model.joint_attention import joint_attention
+from lightning_modules.model.precision import as_dtype, at_least_fp32
 from lightning_modules.model.slicing import ParameterSlice, slice_parameter_
 
 
@@ -22,16 +23,6 @@ def resolve_impl(impl: str, device: torch.device) -> str:
     if impl != "auto":
         return impl
     return "joint" if device.type == "cpu" else "sdpa"
-
-
-def _at_least_fp32(x: Tensor) -> Tensor:
-    """x in float32, or as is if already float32 or wider: softmax logits stay fp32 under autocast."""
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
-
-
-def _as_dtype(x: Tensor, dtype: torch.dtype) -> Tensor:
-    """x in ``dtype``; the Python check skips a dispatch in the common (no-autocast) case."""
-    return x if x.dtype == dtype else x.to(dtype)
 
 
 def attention_mask(q_len: int, n_mem: int, same_length: bool, device: torch.device | None = None) -> Tensor:
@@ -229,15 +220,15 @@ class RelativeMultiHeadAttention(nn.Module):
         dtype = q.dtype
         q_scaled = q * scale
         # position logits against [0; r]: the leading zero column is the pad of rel_shift, computed for free
-        r_padded = _as_dtype(F.pad(r, (0, 0, 1, 0)), dtype)  # (H, S+1, D)
-        q_pos = (q_scaled + _as_dtype(self.position_bias * scale, dtype).view(H, 1, 1, D)).view(H, B * T, D)
+        r_padded = as_dtype(F.pad(r, (0, 0, 1, 0)), dtype)  # (H, S+1, D)
+        q_pos = (q_scaled + as_dtype(self.position_bias * scale, dtype).view(H, 1, 1, D)).view(H, B * T, D)
         pos = rel_shift_padded(torch.bmm(q_pos, r_padded.mT).view(H * B, T, S + 1))  # (H*B, T, S), a view
-        position = _at_least_fp32(pos.view(H, B, T, S)).masked_fill(blocked, float("-inf"))  # (H, B, T, S)
-        q_content = q_scaled + _as_dtype(self.content_bias * scale, dtype).view(H, 1, 1, D)
+        position = at_least_fp32(pos.view(H, B, T, S)).masked_fill(blocked, float("-inf"))  # (H, B, T, S)
+        q_content = q_scaled + as_dtype(self.content_bias * scale, dtype).view(H, 1, 1, D)
         persistent_k = persistent_v = None
         if self.n_persistent > 0:
-            persistent_k = _as_dtype(self.persistent_k, dtype)  # logit q·K_n: the stored sqrt(D) cancels 1/sqrt(D)
-            persistent_v = _as_dtype(self.persistent_v * self.n_persistent**0.5, dtype)
+            persistent_k = as_dtype(self.persistent_k, dtype)  # logit q·K_n: the stored sqrt(D) cancels 1/sqrt(D)
+            persistent_v = as_dtype(self.persistent_v * self.n_persistent**0.5, dtype)
         dropout_p = self.dropatt if self.training else 0.0
         o = joint_attention(q_content, k, v, position, q.view(H, B * T, D), persistent_k, persistent_v, dropout_p)
         return o.view(H, B, T, D)
@@ -268,11 +259,11 @@ class RelativeMultiHeadAttention(nn.Module):
         pos_rows = torch.einsum("bhtd,hsd->bhts", q + self.position_bias[:, None], r)  # (B, H, T, rows)
         index = relative_index(T, S, q.device).expand(B, H, T, S)
         position = pos_rows.gather(-1, index)  # (B, H, T, S)
-        logits = _at_least_fp32((content + position) / math.sqrt(self.d_head))
+        logits = at_least_fp32((content + position) / math.sqrt(self.d_head))
         logits = logits.masked_fill(blocked, float("-inf"))
         if self.n_persistent > 0:
             persistent = torch.einsum("bhtd,hnd->bhtn", q, self.persistent_k.to(q.dtype))  # (B, H, T, N)
-            logits = torch.cat([logits, _at_least_fp32(persistent)], dim=-1)  # (B, H, T, S+N)
+            logits = torch.cat([logits, at_least_fp32(persistent)], dim=-1)  # (B, H, T, S+N)
         probs = F.dropout(logits.softmax(dim=-1), self.dropatt, self.training).to(v.dtype)
         o = torch.einsum("bhts,bhsd->bhtd", probs[..., :S], v)  # (B, H, T, D)
         if self.n_persistent > 0:
@@ -280,7 +271,7 @@ class RelativeMultiHeadAttention(nn.Module):
             o = o + torch.einsum("bhtn,hnd->bhtd", probs[..., S:], pv)
         return o
 
-    def flops_per_token(self, context_len: int) -> int:
+    def macs_per_token(self, context_len: int) -> int:
         """Forward multiply-accumulates per token at S = context_len keys (PAPER 1.5 convention).
 
         Per head: 4·d·D (q, k, v and o projections, one row each per token) + (S+N)·D (content and

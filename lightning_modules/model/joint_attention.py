@@ -22,10 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-
-def _softmax_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Softmax runs in float32 at least (bf16/fp16 inputs under autocast)."""
-    return torch.promote_types(dtype, torch.float32)
+from lightning_modules.model.precision import softmax_dtype
 
 
 def _bmm_into(target: Tensor, a: Tensor, b: Tensor) -> None:
@@ -48,7 +45,7 @@ def _joint_softmax(content: Tensor, q: Tensor, persistent_k: Tensor | None) -> T
     """softmax over [content ; q K_p^T] in float32 at least: eager writes both into one buffer that the softmax
     overwrites in place; under torch.compile (whose Inductor cannot lower the ``out=`` writes into views) it is
     the plain cat and softmax, which Inductor fuses itself."""
-    dtype = _softmax_dtype(content.dtype)
+    dtype = softmax_dtype(content.dtype)
     if torch.compiler.is_compiling():
         parts = [content] if persistent_k is None else [content, torch.bmm(q, persistent_k.mT)]
         return torch.cat([p.to(dtype) for p in parts], dim=-1).softmax(dim=-1)

@@ -48,7 +48,7 @@ class AllAttentionLayer(GatedHeadsMixin, nn.Module):
         gate: HardConcreteGate | None = None,
     ) -> None:
         super().__init__()
-        self.norm = nn.LayerNorm(d_model)
+        self.attn_norm = nn.LayerNorm(d_model)
         self.attn = RelativeMultiHeadAttention(
             d_model, n_heads, d_head, n_persistent=n_persistent, dropatt=dropatt,
             same_length=same_length, impl=attn_impl,
@@ -62,12 +62,12 @@ class AllAttentionLayer(GatedHeadsMixin, nn.Module):
         """h [B, T, d], mem [B, M, d] or None, pos_emb [S, d] -> [B, T, d]."""
         if self.attn.n_heads == 0:
             return h
-        m = None if mem is None else self.norm(mem)
-        return h + self.drop(self.attn(self.norm(h), m, pos_emb, head_scale=head_scale))
+        m = None if mem is None else self.attn_norm(mem)
+        return h + self.drop(self.attn(self.attn_norm(h), m, pos_emb, head_scale=head_scale))
 
-    def flops_per_token(self, context_len: int) -> int:
+    def macs_per_token(self, context_len: int) -> int:
         """Forward multiply-accumulates per token (the attention's; LN and residual are not counted)."""
-        return self.attn.flops_per_token(context_len)
+        return self.attn.macs_per_token(context_len)
 
 
 class FeedForward(nn.Module):
@@ -118,6 +118,6 @@ class TransformerXLLayer(GatedHeadsMixin, nn.Module):
             h = h + self.drop(self.attn(self.attn_norm(h), m, pos_emb, head_scale=head_scale))
         return h + self.drop(self.ff(self.ff_norm(h)))
 
-    def flops_per_token(self, context_len: int) -> int:
+    def macs_per_token(self, context_len: int) -> int:
         """Forward multiply-accumulates per token: attention plus the two FF matmuls (2·d·d_inner)."""
-        return self.attn.flops_per_token(context_len) + 2 * self.ff.fc_in.in_features * self.ff.fc_in.out_features
+        return self.attn.macs_per_token(context_len) + 2 * self.ff.fc_in.in_features * self.ff.fc_in.out_features

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -103,6 +104,20 @@ class MemoryTransformerLM(nn.Module):
         s1 = math.sqrt(1 / d_model) if config.init_s1 is None else config.init_s1
         s2 = math.sqrt(1 / (d_model * config.n_layers)) if config.init_s2 is None else config.init_s2
         self._init_weights(s1, s2)
+
+    @staticmethod
+    def upgrade_state_dict_(state_dict: dict[str, Any], prefix: str = "") -> list[str]:
+        """Rename, in place, the entries of a state dict written by earlier versions to today's names (the
+        All-attention layer norm was ``layers.<i>.norm``, now ``layers.<i>.attn_norm`` as in Transformer-XL layers);
+        returns the new names. ``prefix`` is what precedes the model's own names (``"model."`` in a Lightning
+        checkpoint)."""
+        legacy = re.compile(rf"^{re.escape(prefix)}layers\.(\d+)\.norm\.")
+        renamed = []
+        for key in [k for k in state_dict if legacy.match(k)]:
+            new = legacy.sub(lambda m: f"{prefix}layers.{m.group(1)}.attn_norm.", key)
+            state_dict[new] = state_dict.pop(key)
+            renamed.append(new)
+        return renamed
 
     @classmethod
     def from_config(cls, config: ModelConfig) -> MemoryTransformerLM:
@@ -295,8 +310,7 @@ class MemoryTransformerLM(nn.Module):
             empty = layer.n_heads == 0
             layer.gate.log_alpha.requires_grad_(self._gates_enabled and not empty)
             if empty:  # only ever switched off, so parameters a user froze stay frozen
-                norm = layer.norm if isinstance(layer, AllAttentionLayer) else layer.attn_norm
-                for p in (*layer.attn.parameters(), *norm.parameters()):
+                for p in (*layer.attn.parameters(), *layer.attn_norm.parameters()):
                     p.requires_grad_(False)
 
     def _head_scale(self, layer: AllAttentionLayer | TransformerXLLayer) -> Tensor | None:
@@ -424,7 +438,7 @@ class MemoryTransformerLM(nn.Module):
         counts = self.parameter_counts()
         return counts["total"] if include_embeddings else counts["layers"]
 
-    def flops_per_token(self) -> dict[str, int | list[int]]:
+    def macs_per_token(self) -> dict[str, int | list[int]]:
         """Forward multiply-accumulates (MACs; FLOPs = 2 x MACs) per token at S = mem_len + tgt_len keys.
 
         Per layer (PAPER 1.5): heads · (4·d·D + 2·(S+N)·D + S·D), plus 2·d·d_inner for a Transformer-XL FFN
@@ -434,8 +448,8 @@ class MemoryTransformerLM(nn.Module):
         token) are not counted.
         """
         S = self.mem_len + self.tgt_len
-        per_layer = [layer.flops_per_token(S) for layer in self.layers]
-        softmax = self.softmax.flops_per_token()
+        per_layer = [layer.macs_per_token(S) for layer in self.layers]
+        softmax = self.softmax.macs_per_token()
         return {
             "context_len": S,
             "per_layer": per_layer,

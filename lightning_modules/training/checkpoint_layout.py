@@ -89,6 +89,7 @@ def load_dense_weights(model: MemoryTransformerLM, path: str | Path) -> int:
         model.shrink_to(record["heads_per_layer"])
     state = {key.removeprefix("model."): value for key, value in checkpoint.get("state_dict", {}).items()
              if key.startswith("model.") and not key.endswith(GATE_SUFFIX)}
+    MemoryTransformerLM.upgrade_state_dict_(state)
     ours = {key for key in model.state_dict() if not key.endswith(OPTIONAL_SUFFIXES) or key in state}
     missing, unexpected = sorted(ours - state.keys()), sorted(state.keys() - ours)
     if missing or unexpected:

@@ -220,7 +220,7 @@ class LanguageModel(pl.LightningModule):
         model = self.model
         profile = {"params_total": model.num_parameters(include_embeddings=True),
                    "params_non_embedding": model.num_parameters(include_embeddings=False),
-                   "flops_per_token": model.flops_per_token()["total"], "heads": sum(model.heads_per_layer)}
+                   "macs_per_token": model.macs_per_token()["total"], "heads": sum(model.heads_per_layer)}
         profile |= {f"heads/layer_{i}": n for i, n in enumerate(model.heads_per_layer)}
         for name, value in profile.items():
             self.log(f"{stage}/{name}", float(value), sync_dist=False)
@@ -241,8 +241,10 @@ class LanguageModel(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         record = checkpoint.get(CHECKPOINT_KEY)
         apply_layout(self.model, record, source="the checkpoint")
-        if record is None and "state_dict" in checkpoint:
-            fill_optional_entries(checkpoint["state_dict"], self.model)
+        if "state_dict" in checkpoint:
+            MemoryTransformerLM.upgrade_state_dict_(checkpoint["state_dict"], prefix="model.")
+            if record is None:
+                fill_optional_entries(checkpoint["state_dict"], self.model)
         self.init_from = None  # the loaded weights supersede the baseline (a later fit must not reload it)
 
     @classmethod
