@@ -6,8 +6,10 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX_URL ?=
 PYTEST_ARGS ?=
-# the local WikiText-2 copy when there is one; empty = the datamodule downloads it from the hub
-WIKITEXT_DIR ?= $(if $(wildcard ../shared/data/wikitext-2),../shared/data/wikitext-2,)
+# A local WikiText-2 copy, read by the datamodule whenever a recipe leaves data_dir empty (and by the tests). The
+# default is the copy beside the checkout when there is one; empty = the datamodule downloads from the hub.
+WIKITEXT_DIR ?= $(if $(wildcard ../shared/data/wikitext-2),$(abspath ../shared/data/wikitext-2),)
+export WIKITEXT_DIR
 DEMO_ARGS ?=
 RUNS ?= runs/demo
 SCALE ?= wt2-cpu
@@ -37,7 +39,7 @@ lint: install
 
 # train a small All-attention LM on WikiText-2, prune half its heads, test both, write the report (about 5 min on 2 cores)
 demo: install
-	WIKITEXT_DIR=$(WIKITEXT_DIR) $(BIN)/python -m experiments.demo $(DEMO_ARGS)
+	$(BIN)/python -m experiments.demo $(DEMO_ARGS)
 
 # the paper's comparison (All-attention vs Transformer-XL at 25/43/60% of heads removed); results are copied to
 # experiments/results/$(SCALE). SCALE=wt2-cpu (about half an hour on 2 cores) or SCALE=wt103-gpu (a GPU node)
@@ -53,17 +55,17 @@ bench: bench-throughput bench-compile bench-prune bench-data
 
 # W1: layer-stack FLOP efficiency vs torch.mm, All-attention vs Transformer-XL tokens/s, pruned speed-ups
 bench-throughput: install
-	$(BIN)/python experiments/benchmarks/throughput.py
+	$(BIN)/python -m experiments.benchmarks.throughput
 
 # the opt-in torch.compile of the layers, before and after an in-run head removal
 bench-compile: install
-	$(BIN)/python experiments/benchmarks/compile_effect.py
+	$(BIN)/python -m experiments.benchmarks.compile_effect
 
 bench-data: install
-	$(BIN)/python experiments/benchmarks/data_prep.py
+	$(BIN)/python -m experiments.benchmarks.data_prep
 
 bench-prune: install
-	$(BIN)/python experiments/benchmarks/pruning_speedup.py --layers 2 --batch 4 --threads 2
+	$(BIN)/python -m experiments.benchmarks.pruning_speedup --layers 2 --batch 4 --threads 2
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -299,7 +299,8 @@ class WikiTextSource:
         except (ConnectionError, OSError) as error:
             raise ConnectionError(
                 f"could not reach the Hugging Face hub for {HUB_REPO} ({config}): {error}. Without network access, "
-                "pass data_dir= a local folder holding wiki.train.tokens, wiki.valid.tokens and wiki.test.tokens"
+                "pass data_dir= (or set WIKITEXT_DIR to) a local folder holding wiki.train.tokens, wiki.valid.tokens "
+                "and wiki.test.tokens"
             ) from error
 
 

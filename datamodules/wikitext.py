@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -14,6 +15,8 @@ from datamodules.batching import OrderedBatches, ResumableLoader
 from datamodules.corpus import SPLITS, CorpusCache, WikiTextSource
 from datamodules.vocab import Vocabulary
 
+DATA_DIR_ENV = "WIKITEXT_DIR"  # a local copy of the dataset's wiki.*.tokens files, used when data_dir is None
+
 
 class WikiTextDataModule(pl.LightningDataModule):
     """WikiText as Transformer-XL batches: every rank reads its own contiguous share of the token stream.
@@ -25,7 +28,8 @@ class WikiTextDataModule(pl.LightningDataModule):
 
     Args:
         name: ``wikitext-103`` or ``wikitext-2``.
-        data_dir: Folder with ``wiki.{train,valid,test}.tokens``; ``None`` downloads from the Hugging Face hub
+        data_dir: Folder with ``wiki.{train,valid,test}.tokens``; ``None`` takes the folder named by the
+            ``WIKITEXT_DIR`` environment variable when it is set, else downloads from the Hugging Face hub
             (``Salesforce/wikitext``).
         cache_dir: Where the vocabulary and token-id caches (and the ``datasets`` cache) are kept.
         batch_size: Rows per training batch on each process (the global batch is this times the world size).
@@ -59,6 +63,7 @@ class WikiTextDataModule(pl.LightningDataModule):
             if value is not None and value < 1:
                 raise ValueError(f"{arg} must be a positive integer, got {value}")
         cache_root = Path(cache_dir).expanduser()
+        data_dir = data_dir or os.environ.get(DATA_DIR_ENV) or None
         source = WikiTextSource(name, None if data_dir is None else Path(data_dir).expanduser(), streaming,
                                 hf_cache_dir=cache_root / "hf-datasets")
         self.cache = CorpusCache(source, cache_root)

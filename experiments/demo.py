@@ -12,7 +12,6 @@ runs' logs. Everything also goes to wandb, offline unless you are logged in (``W
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from datetime import datetime
 from pathlib import Path
@@ -24,7 +23,6 @@ from experiments.stages import fit_dense, fit_pruned
 REPO = Path(__file__).resolve().parents[1]
 DENSE_RECIPE = REPO / "experiments" / "wt2" / "all_attention_small.yaml"
 PRUNE_RECIPE = REPO / "experiments" / "wt2" / "all_attention_small_prune.yaml"
-LOCAL_WIKITEXT2 = REPO.parent / "shared" / "data" / "wikitext-2"
 PROJECT = "headprune-demo"
 
 
@@ -34,7 +32,7 @@ def run_pipeline(out: Path, data_dir: str | None, target: float, dense_steps: in
     if not 0 < prune_from_step < dense_steps:
         raise ValueError(f"need 0 < prune_from_step < dense_steps; got {prune_from_step}, {dense_steps}")
     group = out.name
-    data = [f"--data.data_dir={data_dir}"] if data_dir else ["--data.data_dir=null"]
+    data = [f"--data.data_dir={data_dir}"] if data_dir else []  # the recipe's null: $WIKITEXT_DIR, else the hub
     common = [*data, f"--trainer.limit_val_batches={limit_val_batches}", *extra_args]
     dense_dir, pruned_dir = out / "dense", out / "pruned"
     start = fit_dense(dense_dir, DENSE_RECIPE, "all_attention", dense_steps, prune_from_step, common, group, wandb,
@@ -49,9 +47,8 @@ def run_pipeline(out: Path, data_dir: str | None, target: float, dense_steps: in
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=None, help="run folder (default: runs/demo/<date-time>)")
-    parser.add_argument("--data-dir", default=os.environ.get("WIKITEXT_DIR") or (
-        str(LOCAL_WIKITEXT2) if LOCAL_WIKITEXT2.is_dir() else None),
-        help="local WikiText-2 folder (default: $WIKITEXT_DIR, else ../shared/data/wikitext-2, else the hub)")
+    parser.add_argument("--data-dir", default=None,
+                        help="local WikiText-2 folder (default: $WIKITEXT_DIR, else the hub)")
     parser.add_argument("--target", type=float, default=0.5, help="fraction of heads to remove")
     parser.add_argument("--dense-steps", type=int, default=500, help="training steps of each model")
     parser.add_argument("--prune-from-step", type=int, default=350, help="dense step the pruning run starts from")

@@ -7,17 +7,18 @@ from pathlib import Path
 
 import pytest
 
-from datamodules.wikitext import WikiTextDataModule
+from datamodules.wikitext import DATA_DIR_ENV, WikiTextDataModule
 
 REPO = Path(__file__).resolve().parents[1]
-WIKITEXT2_DIR = Path(os.environ.get("HEADPRUNE_WIKITEXT2_DIR", REPO.parent / "shared" / "data" / "wikitext-2"))
+# the Makefile exports WIKITEXT_DIR when a local copy exists (the datamodule reads the same variable)
+WIKITEXT2_DIR = Path(os.environ.get(DATA_DIR_ENV) or REPO.parent / "shared" / "data" / "wikitext-2")
 
 
 @pytest.fixture(scope="session")
 def wikitext2_dir() -> Path:
     """The real WikiText-2 folder; CI must have it, elsewhere its tests are skipped with the reason."""
     if not (WIKITEXT2_DIR / "wiki.train.tokens").is_file():
-        message = f"WikiText-2 copy not found at {WIKITEXT2_DIR} (set HEADPRUNE_WIKITEXT2_DIR)"
+        message = f"WikiText-2 copy not found at {WIKITEXT2_DIR} (set WIKITEXT_DIR)"
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)

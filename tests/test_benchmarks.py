@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "experiments" / "benchmarks"
+REPO = Path(__file__).resolve().parents[1]
 
 
-def run_benchmark(script: str, *args: str) -> list[dict]:
-    result = subprocess.run([sys.executable, str(BENCHMARKS / script), *args], capture_output=True, text=True,
-                            timeout=900, check=True)
+def run_benchmark(module: str, *args: str) -> list[dict]:
+    result = subprocess.run([sys.executable, "-m", f"experiments.benchmarks.{module}", *args], capture_output=True,
+                            text=True, timeout=900, check=True, cwd=REPO)
     lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     for line in lines:
         assert {"workload", "metric", "value", "unit", "hardware"} <= line.keys()
@@ -20,7 +20,7 @@ def run_benchmark(script: str, *args: str) -> list[dict]:
 
 
 def test_throughput_benchmark_prints_every_w1_figure(tmp_path):
-    lines = run_benchmark("throughput.py", "--repeats", "1", "--data", str(tmp_path / "no-data"))
+    lines = run_benchmark("throughput", "--repeats", "1", "--data", str(tmp_path / "no-data"))
     metrics = {(line["metric"], line.get("layer_type"), line.get("heads_removed")) for line in lines}
     for layer_type in ("all_attention", "transformer_xl"):
         for metric in ("layer_stack_eval_efficiency", "layer_stack_train_efficiency", "eval_tokens_per_s",
@@ -34,7 +34,7 @@ def test_throughput_benchmark_prints_every_w1_figure(tmp_path):
 
 
 def test_pruning_speedup_benchmark_reports_ideal_ratios():
-    lines = run_benchmark("pruning_speedup.py", "--layers", "1", "--batch", "1", "--repeats", "1", "--warmup", "0")
+    lines = run_benchmark("pruning_speedup", "--layers", "1", "--batch", "1", "--repeats", "1", "--warmup", "0")
     params = {(line["layer_type"], line["heads_removed"]): line
               for line in lines if line["metric"] == "parameter_ratio"}
     assert params[("all_attention", 0.5)]["value"] == pytest.approx(2.0, abs=0.01)  # every layer weight is per head

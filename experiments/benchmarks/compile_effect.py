@@ -6,7 +6,7 @@ heads of every layer (AdamW state sliced, as HeadPruning does). Also printed: th
 calls take (compilation), and the recompilation after the removal, which ``prune_heads`` triggers by dropping
 the graphs of the old shapes.
 
-    python experiments/benchmarks/compile_effect.py [--repeats 9] [--threads 2] [--layer-types all_attention]
+    python -m experiments.benchmarks.compile_effect [--repeats 9] [--threads 2] [--layer-types all_attention]
 """
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ import copy
 import time
 
 import torch
-from common import emit
-from throughput import WIKITEXT2, WORKLOAD, Workload, build, token_batch
-from timing import interleaved_medians
 
+from experiments.benchmarks.reporting import emit
+from experiments.benchmarks.timing import interleaved_medians
+from experiments.benchmarks.workloads import W1_NAME as WORKLOAD
+from experiments.benchmarks.workloads import Workload, build, local_wikitext2, token_batch
 from lightning_modules.training.cpu_allocator import ALLOCATOR_MODES, configure_cpu_allocator
 
 
@@ -63,7 +64,7 @@ def main() -> None:
     args = parser.parse_args()
     configure_cpu_allocator(args.cpu_allocator)
     torch.set_num_threads(args.threads)
-    x, y, source = token_batch(WIKITEXT2)
+    x, y, source = token_batch(local_wikitext2())
     extra = {"threads": torch.get_num_threads(), "tokens": source, "torch": torch.__version__}
     for layer_type in args.layer_types.split(","):
         compare(layer_type, args, x, y, extra)

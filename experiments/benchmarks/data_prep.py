@@ -9,7 +9,7 @@ times, each from a cold cache:
     ids, reading the same file.
 Prints one JSON line per figure (workload, metric, value, unit, hardware). Not a test: figures vary by machine.
 
-    python experiments/benchmarks/data_prep.py [--repeat 48] [--workdir DIR]
+    python -m experiments.benchmarks.data_prep [--repeat 48] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -23,13 +23,11 @@ from array import array
 from pathlib import Path
 
 import numpy as np
-from common import emit as emit_figure
 
 from datamodules.corpus import SPLITS, CorpusCache, WikiTextSource, build_vocabulary_and_encode, encode_lines
 from datamodules.vocab import EOS, Vocabulary
-
-REPO = Path(__file__).resolve().parents[2]
-DEFAULT_WIKITEXT2 = REPO.parent / "shared" / "data" / "wikitext-2"
+from experiments.benchmarks.reporting import emit as emit_figure
+from experiments.benchmarks.workloads import local_wikitext2
 
 
 def build_corpus(source_dir: Path, target: Path, repeat: int) -> None:
@@ -71,7 +69,8 @@ def timed(fn, *args):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--wikitext2", type=Path, default=DEFAULT_WIKITEXT2, help="WikiText-2 folder")
+    parser.add_argument("--wikitext2", type=Path, default=local_wikitext2(),
+                        help="WikiText-2 folder (default: $WIKITEXT_DIR)")
     parser.add_argument("--repeat", type=int, default=48, help="times the train text is repeated (48: ~100M)")
     parser.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a temp dir)")
     args = parser.parse_args()

@@ -1,4 +1,4 @@
-"""Throughput of the model on workload W1 (issue 6), against the machine's matmul speed and across pruning levels.
+"""Throughput of the model on workload W1, against the machine's matmul speed and across pruning levels.
 
 W1: vocabulary 33,278 (WikiText-2), adaptive softmax cutoffs [2000, 10000], div_value 4; 4 layers, d_model 256,
 8 heads of 32, 1024 persistent vectors (All-attention) or d_inner 1024 (Transformer-XL); segment 64 + memory 64,
@@ -19,7 +19,7 @@ with like on a shared machine. Prints one JSON line per figure, each with the ta
     (optimizer state sliced, as HeadPruning does) over the same model's step before the removal, against the same
     MAC ideal as the whole-model eval.
 
-    python experiments/benchmarks/throughput.py [--repeats 15] [--threads 2] [--sections efficiency,pruning]
+    python -m experiments.benchmarks.throughput [--repeats 15] [--threads 2] [--sections efficiency,pruning]
 """
 
 from __future__ import annotations
@@ -30,98 +30,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from common import emit, run_stack
-from timing import interleaved_medians, matmul_probe
 
-from lightning_modules.model import LAYER_TYPES, MemoryTransformerLM
-from lightning_modules.model.slicing import slice_optimizer_state_
+from experiments.benchmarks.reporting import emit
+from experiments.benchmarks.timing import interleaved_medians, matmul_probe
+from experiments.benchmarks.workloads import W1, W1_NAME, Workload, build, local_wikitext2, token_batch
+from lightning_modules.model import LAYER_TYPES
 from lightning_modules.training.cpu_allocator import ALLOCATOR_MODES, configure_cpu_allocator
 
-W1 = dict(vocab_size=33278, cutoffs=[2000, 10000], div_value=4.0, n_layers=4, d_model=256, n_heads=8, d_head=32,
-          n_persistent=1024, d_inner=1024, tgt_len=64, mem_len=64, dropout=0.0, dropemb=0.0, dropatt=0.0,
-          max_len=128)
-BATCH = 8
-WORKLOAD = "W1"
-
+WORKLOAD = W1_NAME
 OTHER_IMPLS = ("sdpa", "reference")  # attention cores timed beside the default one ("auto": "joint" on CPU)
-WIKITEXT2 = Path(__file__).resolve().parents[3] / "shared" / "data" / "wikitext-2"
-
-
-def token_batch(data_dir: Path | None) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """Two consecutive segments' worth of inputs/targets [B, 2T]: real WikiText-2 text when available."""
-    T = W1["tgt_len"]
-    if data_dir is not None and (data_dir / "wiki.train.tokens").exists():
-        from datamodules.wikitext import WikiTextDataModule
-
-        dm = WikiTextDataModule(name="wikitext-2", data_dir=str(data_dir), batch_size=BATCH, tgt_len=2 * T)
-        dm.prepare_data()
-        dm.setup("fit")
-        if dm.vocab_size != W1["vocab_size"]:
-            raise SystemExit(f"{data_dir} has a vocabulary of {dm.vocab_size}, W1 needs {W1['vocab_size']}")
-        x, y = next(iter(dm.train_dataloader()))
-        return x, y, "WikiText-2 train"
-    gen = torch.Generator().manual_seed(0)
-    ranks = torch.arange(1, W1["vocab_size"] + 1, dtype=torch.float64)
-    ids = torch.multinomial(1 / ranks, BATCH * (2 * T + 1), replacement=True, generator=gen).view(BATCH, -1)
-    return ids[:, :-1], ids[:, 1:], "Zipf(1) ids"
-
-
-class Workload:
-    """One model on W1 with its optimizer, a segment, and the memory a previous segment left: callables that run
-    an eval forward or a training step of the whole model or of the layer stack alone."""
-
-    def __init__(self, model: MemoryTransformerLM, x: torch.Tensor, y: torch.Tensor) -> None:
-        T = W1["tgt_len"]
-        self.model = model
-        self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
-        self.x, self.y = x[:, T:], y[:, T:]
-        with torch.no_grad():
-            self.memory = model.eval()(x[:, :T], y[:, :T]).memory
-            self.h = model.embedding(self.x) * model.d_model**0.5  # the layer stack's input
-
-    def stack_eval(self) -> None:
-        with torch.no_grad():
-            self.model.eval()
-            run_stack(self.model, self.h, self.memory)
-
-    def stack_train(self) -> None:
-        self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        run_stack(self.model, self.h, self.memory).square().mean().backward()
-        self.optimizer.step()
-
-    def model_eval(self) -> None:
-        with torch.no_grad():
-            self.model.eval()(self.x, self.y, memory=self.memory)
-
-    def model_train(self) -> None:
-        self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.model(self.x, self.y, memory=self.memory).nll.mean().backward()
-        self.optimizer.step()
-
-    def remove_heads(self, removed: float) -> None:
-        """Remove the first ``removed`` fraction of every layer's heads in place, slicing the optimizer state as
-        HeadPruning does."""
-        slice_optimizer_state_(self.optimizer, self.model.prune_heads(first_heads(removed)))
-
-    def layer_flops(self, training: bool) -> int:
-        """FLOPs of one pass of the layer stack over the segment (2 per MAC; x3 for forward + backward)."""
-        return (6 if training else 2) * self.model.macs_per_token()["layers"] * self.x.numel()
-
-
-def build(layer_type: str, removed: float = 0.0, attn_impl: str = "auto") -> MemoryTransformerLM:
-    """The W1 model of ``layer_type`` (seed 0) with ``removed`` of every layer's heads physically pruned."""
-    torch.manual_seed(0)
-    model = MemoryTransformerLM(layer_type=layer_type, attn_impl=attn_impl, **W1)
-    model.prune_heads(first_heads(removed))
-    return model
-
-
-def first_heads(removed: float) -> dict[int, list[int]]:
-    """The removal plan that takes the first ``removed`` fraction of every layer's heads."""
-    drop = round(removed * W1["n_heads"])
-    return {i: list(range(drop)) for i in range(W1["n_layers"])} if drop else {}
 
 
 def efficiency(args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor, extra: dict) -> None:
@@ -216,7 +133,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=15, help="timed rounds per section (medians)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (W1: 2)")
-    parser.add_argument("--data", type=Path, default=WIKITEXT2, help="WikiText-2 folder (else Zipf-drawn ids)")
+    parser.add_argument("--data", type=Path, default=local_wikitext2(),
+                        help="WikiText-2 folder (default: $WIKITEXT_DIR; else Zipf-drawn ids)")
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, of {list(SECTIONS)}")
     parser.add_argument("--cpu-allocator", choices=ALLOCATOR_MODES, default="retain",
                         help="glibc allocator setting, as `headprune --cpu_allocator` (default: retain freed memory)")

@@ -1,5 +1,4 @@
-"""Shared by the benchmark scripts: what hardware the figures come from, how they are printed, and the layer
-stack run on its own."""
+"""How the benchmarks print their figures (one JSON line each) and name the hardware they come from."""
 
 from __future__ import annotations
 
@@ -7,10 +6,6 @@ import json
 import os
 import platform
 from pathlib import Path
-
-import torch
-
-from lightning_modules.model import MemoryTransformerLM
 
 
 def hardware() -> str:
@@ -30,11 +25,3 @@ def emit(workload: str, metric: str, value: float, unit: str, **extra: object) -
     print(json.dumps({"workload": workload, "metric": metric, "value": value, "unit": unit, **extra,
                       "hardware": hardware()}), flush=True)
 
-
-def run_stack(model: MemoryTransformerLM, h: torch.Tensor, memory: list[torch.Tensor]) -> torch.Tensor:
-    """The layer stack alone over input ``h`` [B, T, d], each layer over its memory, as the model's forward runs
-    it (embedding and adaptive softmax left out: pruning does not change them)."""
-    pos_emb = model.pos_table[-(memory[0].size(1) + h.size(1)):]
-    for layer, mem in zip(model.layers, memory, strict=False):
-        h = layer(h, mem, pos_emb)
-    return h
