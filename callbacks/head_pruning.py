@@ -26,13 +26,13 @@ log = logging.getLogger(__name__)
 
 
 class HeadPruning(Callback):
-    """Prunes the attention heads of a :class:`MemoryTransformerLM` while it trains (PAPER 2, 3, 4.3).
+    """Prunes the attention heads of a :class:`MemoryTransformerLM` while it trains (docs/method.md §2, §3, §4.3).
 
     At the start of fit the gates are switched on and a sparsity term is added to the loss. It takes one of two
     forms, and exactly one must be chosen:
 
     * ``l0_coefficient`` (the paper): ``lambda(t) * L0``, the expected number of open gates, with ``lambda``
-      ramped linearly from 0 over ``warmup_steps`` after ``start_step`` (sparsity-loss warm-up, PAPER 3.1).
+      ramped linearly from 0 over ``warmup_steps`` after ``start_step`` (sparsity-loss warm-up, docs/method.md §3.1).
     * ``target_sparsity`` (beyond the paper, CoFi-style): ``l1 * (s - t) + l2 * (s - t)**2`` where ``s`` is the
       expected fraction of shut heads, ``t`` the target ramped from 0 over ``warmup_steps``, and the Lagrange
       multipliers ``l1, l2`` rise by gradient ascent (step ``lagrangian_lr``) so that ``s`` is driven to ``t``.
@@ -116,7 +116,7 @@ class HeadPruning(Callback):
         return self.target_sparsity * linear_ramp(step, self.start_step, self.warmup_steps)
 
     def current_l0_weight(self, step: int) -> float:
-        """Weight of the L0 term at optimizer step ``step`` (coefficient mode, PAPER 3.1)."""
+        """Weight of the L0 term at optimizer step ``step`` (coefficient mode, docs/method.md §3.1)."""
         return self.l0_coefficient * linear_ramp(step, self.start_step, self.warmup_steps)
 
     def current_temperature(self, step: int, final: float) -> float:
@@ -157,17 +157,7 @@ class HeadPruning(Callback):
     # ----------------------------------------------------------------------------------------- hooks
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        model = getattr(pl_module, "model", None)
-        if not isinstance(model, MemoryTransformerLM):
-            raise TypeError(f"HeadPruning works on a LanguageModel wrapping a MemoryTransformerLM; got "
-                            f"{type(pl_module).__name__} with model {type(model).__name__}")
-        if stage == "fit" and not _supported(trainer.strategy):
-            name = type(trainer.strategy).__name__
-            method = getattr(trainer.strategy, "_start_method", "n/a")
-            raise ValueError(f"HeadPruning removes heads during training under single-device and `ddp` (one process "
-                             f"per device, launched by Lightning or torchrun) strategies; {name} (start method "
-                             f"{method}) is not supported: spawned processes cannot hand a pruned model back. "
-                             "Use --trainer.strategy=ddp")
+        model = pruned_model(trainer, pl_module, stage, type(self).__name__)
         self._model = model
         model.gates_enabled = True
         if stage == "fit":
@@ -200,7 +190,7 @@ class HeadPruning(Callback):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or not _fitting(trainer):
             return
-        self._write_head_map(trainer, self._model)
+        write_head_map(trainer, self._model)
         if self.prune_on_validation and trainer.global_step >= self.prune_after_step:
             self.remove_shut_heads(trainer, pl_module)
 
@@ -208,13 +198,7 @@ class HeadPruning(Callback):
         if self.targeted:
             self._round_to_target(trainer, self._model)
         self.remove_shut_heads(trainer, pl_module, final=True)
-        self._write_head_map(trainer, self._model)
-        path = self.pruned_checkpoint_path(trainer)
-        trainer.save_checkpoint(path)
-        model = self._model
-        log.info("pruned model: heads per layer %s (%d of %d), %d non-embedding parameters, saved to %s",
-                 model.heads_per_layer, sum(model.heads_per_layer), model.total_heads,
-                 model.num_parameters(include_embeddings=False), path)
+        save_pruned(trainer, self._model)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not _fitting(trainer):  # `validate` on its own: evaluate the pruned network, physically pruned
@@ -240,24 +224,9 @@ class HeadPruning(Callback):
         shut = model.shut_heads()
         if self.targeted and not final:
             shut = self._within_budget(model, shut)
-        shut = trainer.strategy.broadcast(shut, src=0)
-        if not shut:
-            return shut
-        left = sum(model.heads_per_layer) - sum(len(h) for h in shut.values())
-        if left == 0:
-            raise RuntimeError(
-                f"at step {trainer.global_step} the gates shut every remaining head of the model, which would leave "
-                "no attention at all; nothing was removed or saved. Lower l0_coefficient (or target_sparsity), "
-                "lengthen warmup_steps, or start removing later (prune_after_step)"
-            )
-        before = model.heads_per_layer
-        slices = model.prune_heads(shut)
-        for optimizer in trainer.optimizers:
-            slice_optimizer_state_(optimizer, slices)
-        self._rewrap(trainer, pl_module)
-        log.info("step %d: removed heads %s; heads per layer %s -> %s", trainer.global_step, shut, before,
-                 model.heads_per_layer)
-        return shut
+        return remove_heads(trainer, pl_module, model, shut, cause="the gates shut",
+                            advice="Lower l0_coefficient (or target_sparsity), lengthen warmup_steps, or start "
+                                   "removing later (prune_after_step)")
 
     def _within_budget(self, model: MemoryTransformerLM, shut: dict[int, list[int]]) -> dict[int, list[int]]:
         """In target mode a mid-run removal never takes more heads than the final target allows: the most
@@ -298,25 +267,6 @@ class HeadPruning(Callback):
                  self.target_sparsity, model.total_heads - present + to_remove, changed)
         self.rounded_decisions = changed
 
-    @staticmethod
-    def _rewrap(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Rebuild the DDP wrapper around the smaller module (its buckets were sized for the old shapes)."""
-        strategy = trainer.strategy
-        if isinstance(strategy, DDPStrategy) and _fitting(trainer):
-            # the old wrapper must be gone first: its reducer's autograd hooks would fire with the old shapes
-            old = weakref.ref(strategy.model)
-            strategy.model = pl_module
-            gc.collect()
-            if old() is not None:
-                raise RuntimeError("the previous DDP wrapper is still referenced after a head removal, so its "
-                                   "gradient hooks would see the old shapes; training cannot continue safely")
-            strategy.configure_ddp()
-
-    @staticmethod
-    def pruned_checkpoint_path(trainer: pl.Trainer) -> Path:
-        """Where the final pruned model is saved: beside the ModelCheckpoint files, else in the log folder."""
-        return Preemption.checkpoint_path(trainer).with_name("pruned.ckpt")
-
     # ----------------------------------------------------------------------------------------- reporting
 
     def _log_step(self, pl_module: pl.LightningModule, model: MemoryTransformerLM) -> None:
@@ -335,24 +285,98 @@ class HeadPruning(Callback):
         metrics |= {f"prune/heads/layer_{i}": float(n) for i, n in enumerate(model.heads_per_layer)}
         pl_module.log_dict(metrics)
 
-    def _write_head_map(self, trainer: pl.Trainer, model: MemoryTransformerLM) -> None:
-        """Append this validation's per-head state to ``head_map.csv`` and send the heat map to wandb."""
-        folder = trainer.log_dir or trainer.default_root_dir  # log_dir broadcasts: every rank must ask
-        if not trainer.is_global_zero:
-            return
-        rows = head_map_rows(model, trainer.global_step)
-        path = Path(folder) / "head_map.csv"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        new = not path.exists()
-        with path.open("a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            if new:
-                writer.writeheader()
-            writer.writerows(rows)
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                logger.log_image(key="prune/head_map", images=[head_map_image(model)], step=trainer.global_step,
-                                 caption=[f"step {trainer.global_step}: rows are layers, columns heads"])
+
+# ----------------------------------------------------------------------------------------- shared by the removers
+
+
+def pruned_model(trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str, who: str) -> MemoryTransformerLM:
+    """The MemoryTransformerLM a head-removing callback works on; errors for other modules and, in fit, for
+    strategies under which a pruned model cannot be handed back."""
+    model = getattr(pl_module, "model", None)
+    if not isinstance(model, MemoryTransformerLM):
+        raise TypeError(f"{who} works on a LanguageModel wrapping a MemoryTransformerLM; got "
+                        f"{type(pl_module).__name__} with model {type(model).__name__}")
+    if stage == "fit" and not _supported(trainer.strategy):
+        name = type(trainer.strategy).__name__
+        method = getattr(trainer.strategy, "_start_method", "n/a")
+        raise ValueError(f"{who} removes heads during training under single-device and `ddp` (one process "
+                         f"per device, launched by Lightning or torchrun) strategies; {name} (start method "
+                         f"{method}) is not supported: spawned processes cannot hand a pruned model back. "
+                         "Use --trainer.strategy=ddp")
+    return model
+
+
+def remove_heads(trainer: pl.Trainer, pl_module: pl.LightningModule, model: MemoryTransformerLM,
+                 heads: dict[int, list[int]], cause: str = "the removal chose",
+                 advice: str = "") -> dict[int, list[int]]:
+    """Physically remove rank 0's ``{layer: [heads]}`` on every rank: weights, persistent memory, gates and
+    optimizer state are sliced, and the DDP wrapper is rebuilt. Returns the removed heads. Removing every
+    remaining head is an error (``cause`` and ``advice`` complete its message)."""
+    heads = trainer.strategy.broadcast(heads, src=0)
+    if not heads:
+        return heads
+    left = sum(model.heads_per_layer) - sum(len(h) for h in heads.values())
+    if left == 0:
+        raise RuntimeError(f"at step {trainer.global_step} {cause} every remaining head of the model, which would "
+                           f"leave no attention at all; nothing was removed or saved. {advice}")
+    before = model.heads_per_layer
+    slices = model.prune_heads(heads)
+    for optimizer in trainer.optimizers:
+        slice_optimizer_state_(optimizer, slices)
+    _rewrap(trainer, pl_module)
+    log.info("step %d: removed heads %s; heads per layer %s -> %s", trainer.global_step, heads, before,
+             model.heads_per_layer)
+    return heads
+
+
+def pruned_checkpoint_path(trainer: pl.Trainer) -> Path:
+    """Where the final pruned model is saved: beside the ModelCheckpoint files, else in the log folder."""
+    return Preemption.checkpoint_path(trainer).with_name("pruned.ckpt")
+
+
+def save_pruned(trainer: pl.Trainer, model: MemoryTransformerLM) -> Path:
+    """Write the final head map and save the pruned model as ``pruned.ckpt``; returns its path."""
+    write_head_map(trainer, model)
+    path = pruned_checkpoint_path(trainer)
+    trainer.save_checkpoint(path)
+    log.info("pruned model: heads per layer %s (%d of %d), %d non-embedding parameters, saved to %s",
+             model.heads_per_layer, sum(model.heads_per_layer), model.total_heads,
+             model.num_parameters(include_embeddings=False), path)
+    return path
+
+
+def write_head_map(trainer: pl.Trainer, model: MemoryTransformerLM) -> None:
+    """Append this validation's per-head state to ``head_map.csv`` and send the heat map to wandb."""
+    folder = trainer.log_dir or trainer.default_root_dir  # log_dir broadcasts: every rank must ask
+    if not trainer.is_global_zero:
+        return
+    rows = head_map_rows(model, trainer.global_step)
+    path = Path(folder) / "head_map.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.log_image(key="prune/head_map", images=[head_map_image(model)], step=trainer.global_step,
+                             caption=[f"step {trainer.global_step}: rows are layers, columns heads"])
+
+
+def _rewrap(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    """Rebuild the DDP wrapper around the smaller module (its buckets were sized for the old shapes)."""
+    strategy = trainer.strategy
+    if isinstance(strategy, DDPStrategy) and _fitting(trainer):
+        # the old wrapper must be gone first: its reducer's autograd hooks would fire with the old shapes
+        old = weakref.ref(strategy.model)
+        strategy.model = pl_module
+        gc.collect()
+        if old() is not None:
+            raise RuntimeError("the previous DDP wrapper is still referenced after a head removal, so its "
+                               "gradient hooks would see the old shapes; training cannot continue safely")
+        strategy.configure_ddp()
 
 
 def _fitting(trainer: pl.Trainer) -> bool:

@@ -1,6 +1,6 @@
 """Word-level vocabulary: built from the train split's token counts, saved beside the token cache, reloaded.
 
-Layout (PAPER.md 4.1): ``<unk>`` = 0, ``</s>`` (one per line of text) = 1, then every other type by descending
+Layout (docs/method.md §4.1): ``<unk>`` = 0, ``</s>`` (one per line of text) = 1, then every other type by descending
 frequency, so the adaptive softmax cutoffs fall on frequency bands. Ties are broken by the token's code points, so
 the same text always gives the same ids on every machine.
 """

@@ -1,88 +1,202 @@
-"""The paper's comparison: All-attention vs Transformer-XL, perplexity against parameters across sparsities.
+"""The paper's comparison: All-attention vs Transformer-XL, perplexity against parameters across sparsities, with
+the hard-concrete gates against random and importance-score head removal.
 
-For each architecture (equal layer-part parameters: N persistent vectors = d_inner), trains a dense baseline,
-prunes it from a checkpoint to each target sparsity with the HeadPruning callback, tests every model on the
-whole test split, and writes the report (results.csv, report.md, ppl_vs_params.png, head maps). With
-``--results`` the CSV, the plot, the report and the exact command and hardware are copied there as well.
+For each architecture (equal layer-part parameters: N persistent vectors per head = d_inner):
 
-Scales (``--scale``): ``wt2-cpu``, the small WikiText-2 models (4 layers, d 256), runs on CPUs in about half an
-hour; ``wt103-gpu``, the paper's 16-layer WikiText-103 recipes, for a GPU node (pass ``--trainer.devices=8`` etc.).
+1. **LR sweep**: a short dense run (``sweep_steps``) at each learning rate of ``lrs``; the lowest validation
+   perplexity picks the architecture's learning rate (skipped when ``lrs`` is empty: the recipe's rate).
+2. **Dense baselines**: one per seed, ``dense_steps`` steps at that rate, validated every ``val_every`` steps.
+3. **Pruning**: from the end of dense seed ``s``, ``prune_steps`` more steps with each method (``gates``,
+   ``random``, ``importance``) to each target; the targets in ``seeded_targets`` for every seed, the others for
+   the first seed. Every method gets the same steps, learning rate (``prune_lr_ratio`` x the dense rate,
+   constant) and data.
 
-    python -m experiments.compare --scale wt2-cpu [--out runs/compare/wt2-cpu] [--results experiments/results/wt2-cpu]
+Every model is tested on the whole test split; then the report (results.csv, report.md, plots) is written. A
+run whose results are complete (its ``done.json`` marker) is skipped, so an interrupted comparison continues
+where it stopped; an incomplete run folder is cleared and the run starts again. ``--stages sweep,dense`` runs
+only the first stages (the baselines can train while the rest is prepared). With ``--results`` the CSV, plots,
+report and the exact command and hardware are copied there as well.
+
+Scales (``--scale``): ``wt2-cpu``, 2-layer WikiText-2 models (d 128, 4 heads), trained to a plateau, 3 seeds,
+in about 100 minutes on 2 CPU cores; ``wt103-gpu``, the paper's 16-layer WikiText-103 recipes, one seed, for a
+GPU node (pass ``--trainer.devices=8`` etc.).
+
+    WIKITEXT_DIR=DIR python -m experiments.compare --scale wt2-cpu --results experiments/results/wt2-cpu --no-wandb
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import shlex
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date
+from functools import partial
 from pathlib import Path
 
 from experiments import report
 from experiments.runs import evaluate_into
 from experiments.stages import fit_dense, fit_pruned
-from lightning_modules.model import LAYER_TYPES
 
 REPO = Path(__file__).resolve().parents[1]
 EXP = REPO / "experiments"
+LAYER_TYPES = ("all_attention", "transformer_xl")
+METHODS = ("gates", "random", "importance")
+STAGES = ("sweep", "dense", "prune")
+DONE = "done.json"
+PROJECT = "headprune-compare"
 
 
 @dataclass(frozen=True)
 class Scale:
-    """Recipes and schedule of one comparison scale."""
+    """Recipes and schedule of one comparison scale (see the module docstring for the stages)."""
 
     dense: dict[str, Path]
     prune: dict[str, Path]
     dense_steps: int
-    prune_from_step: int
     prune_steps: int
+    val_every: int
     targets: tuple[float, ...] = (0.25, 0.43, 0.6)
+    methods: tuple[str, ...] = METHODS
+    seeds: tuple[int, ...] = (0,)
+    seeded_targets: tuple[float, ...] = ()
+    lrs: tuple[float, ...] = ()
+    sweep_steps: int = 0
+    prune_lr_ratio: float = 0.3
+    score_batches: int = 50
     args: list[str] = field(default_factory=list)
 
 
 SCALES = {
     "wt2-cpu": Scale(
-        dense={t: EXP / "wt2" / f"{t}_small.yaml" for t in LAYER_TYPES},
-        prune={t: EXP / "wt2" / "all_attention_small_prune.yaml" for t in LAYER_TYPES},  # layer_type overridden
-        dense_steps=500, prune_from_step=350, prune_steps=150, args=["--trainer.limit_val_batches=20"]),
+        dense={t: EXP / "wt2" / f"{t}_2l.yaml" for t in LAYER_TYPES},
+        prune={t: EXP / "wt2" / "all_attention_2l_prune.yaml" for t in LAYER_TYPES},  # layer_type overridden
+        dense_steps=4000, prune_steps=800, val_every=400, seeds=(0, 1, 2), seeded_targets=(0.43,),
+        lrs=(0.001, 0.002, 0.004), sweep_steps=1200, args=["--trainer.limit_val_batches=100"]),
     "wt103-gpu": Scale(
         dense={t: EXP / "wt103" / f"{t}_16l.yaml" for t in LAYER_TYPES},
         prune={t: EXP / "wt103" / f"{t}_16l_prune.yaml" for t in LAYER_TYPES},
-        dense_steps=56000, prune_from_step=56000, prune_steps=28000),
+        dense_steps=56000, prune_steps=28000, val_every=4000),
 }
 
 
+def is_done(folder: Path) -> bool:
+    """Whether the run in ``folder`` completed (its marker is written only after its last step)."""
+    return (folder / DONE).is_file()
+
+
+def once(folder: Path, work: Callable[[], dict]) -> dict:
+    """Run ``work`` for ``folder`` unless it is done; an unfinished folder is cleared first. Returns the record
+    ``work`` returned (read back from the marker when skipped)."""
+    if is_done(folder):
+        print(f"[compare] {folder.name}: done, skipped", flush=True)
+        return json.loads((folder / DONE).read_text())
+    if folder.exists():
+        shutil.rmtree(folder)
+    started = time.perf_counter()
+    record = work() | {"seconds": round(time.perf_counter() - started, 1)}
+    (folder / DONE).write_text(json.dumps(record, indent=1))
+    return record
+
+
+def validation_ppl(folder: Path) -> float:
+    """The last validation perplexity a fit logged in ``folder``."""
+    (metrics,) = folder.glob("logs/version_*/metrics.csv")
+    return report.last_metrics(metrics)["val/ppl"]
+
+
+def sweep_run(scale: Scale, folder: Path, layer_type: str, lr: float, args: list[str], group: str,
+              use_wandb: bool) -> dict:
+    """One learning-rate sweep point: a dense fit of ``sweep_steps`` steps; returns its validation perplexity."""
+    fit_dense(folder, scale.dense[layer_type], layer_type, scale.sweep_steps, scale.sweep_steps,
+              [*args, f"--model.optimizer.init_args.lr={lr}", f"--seed_everything={scale.seeds[0]}"], group,
+              use_wandb, PROJECT, name=folder.name, role="sweep", lr=lr, seed=scale.seeds[0])
+    return {"lr": lr, "val_ppl": validation_ppl(folder), "steps": scale.sweep_steps}
+
+
+def sweep_learning_rates(scale: Scale, out: Path, layer_type: str, args: list[str], group: str,
+                         use_wandb: bool) -> float | None:
+    """The learning rate of ``layer_type``: lowest validation perplexity after ``sweep_steps`` (see module doc);
+    None (the recipe's rate) when the scale sweeps none."""
+    if not scale.lrs:
+        return None
+    scores = {}
+    for lr in scale.lrs:
+        folder = out / "lr-sweep" / f"{layer_type}-lr{lr:g}"
+        scores[lr] = once(folder, partial(sweep_run, scale, folder, layer_type, lr, args, group, use_wandb))["val_ppl"]
+    best = min(scores, key=scores.get)
+    print(f"[compare] {layer_type}: validation ppl by learning rate {scores}; chosen {best:g}", flush=True)
+    return best
+
+
+def lr_args(lr: float | None) -> list[str]:
+    """The override setting the learning rate (none: the recipe's)."""
+    return [] if lr is None else [f"--model.optimizer.init_args.lr={lr:g}"]
+
+
+def dense_run(scale: Scale, folder: Path, layer_type: str, seed: int, lr: float | None, args: list[str],
+              group: str, use_wandb: bool) -> dict:
+    """One dense baseline: ``dense_steps`` steps at ``lr`` from seed ``seed``, then its test."""
+    fit_dense(folder, scale.dense[layer_type], layer_type, scale.dense_steps, scale.dense_steps,
+              [*args, *lr_args(lr), f"--seed_everything={seed}"], group, use_wandb, PROJECT,
+              val_every=scale.val_every, name=folder.name, seed=seed, lr=lr)
+    evaluate_into(folder, scale.dense[layer_type], folder / "checkpoints" / "last.ckpt", args)
+    return {"seed": seed, "lr": lr}
+
+
+def pruned_run(scale: Scale, folder: Path, layer_type: str, start: Path, method: str, target: float, seed: int,
+               lr: float | None, args: list[str], group: str, use_wandb: bool) -> dict:
+    """One pruning run from dense checkpoint ``start``: ``prune_steps`` steps with ``method``, then its test."""
+    prune_lr = None if lr is None else scale.prune_lr_ratio * lr
+    pruned = fit_pruned(folder, scale.prune[layer_type], layer_type, start, scale.prune_steps,
+                        scale.dense_steps + scale.prune_steps, target,
+                        [*args, *lr_args(prune_lr), f"--seed_everything={seed}"], group, use_wandb, PROJECT,
+                        method=method, name=folder.name, seed=seed, score_batches=scale.score_batches, lr=prune_lr)
+    evaluate_into(folder, scale.dense[layer_type], pruned, [*args, f"--model.model.init_args.layer_type={layer_type}"])
+    return {"seed": seed, "method": method, "target_sparsity": target}
+
+
+def prune_targets(scale: Scale, seed: int) -> tuple[float, ...]:
+    """The targets pruned from dense seed ``seed``: all of them for the first seed, else ``seeded_targets``."""
+    return scale.targets if seed == scale.seeds[0] else tuple(t for t in scale.targets if t in scale.seeded_targets)
+
+
 def run_comparison(scale: Scale, out: Path, extra_args: list[str], use_wandb: bool = True,
-                   layer_types: tuple[str, ...] = LAYER_TYPES) -> list[report.RunResult]:
-    """Train, prune and test every model of ``scale`` under ``out``; returns the report's runs."""
+                   layer_types: tuple[str, ...] = LAYER_TYPES,
+                   stages: tuple[str, ...] = STAGES) -> list[report.RunResult]:
+    """Run ``stages`` of ``scale`` under ``out``, skipping completed runs; returns the report's runs (empty
+    unless the prune stage ran)."""
     args = [*scale.args, *extra_args]
     group = f"compare-{out.name}"
-    total = scale.prune_from_step + scale.prune_steps
     for layer_type in layer_types:
-        dense_dir = out / f"{layer_type}-dense"
-        start = fit_dense(dense_dir, scale.dense[layer_type], layer_type, scale.dense_steps, scale.prune_from_step,
-                          args, group, use_wandb, "headprune-compare")
-        evaluate_into(dense_dir, scale.dense[layer_type], dense_dir / "checkpoints" / "last.ckpt", args)
-        for target in scale.targets:
-            folder = out / f"{layer_type}-pruned-{round(100 * target)}"
-            pruned = fit_pruned(folder, scale.prune[layer_type], layer_type, start, scale.prune_steps, total, target,
-                                args, group, use_wandb, "headprune-compare")
-            evaluate_into(folder, scale.dense[layer_type], pruned,
-                      [*args, f"--model.model.init_args.layer_type={layer_type}"])
-    return report.generate(out)
+        lr = sweep_learning_rates(scale, out, layer_type, args, group, use_wandb)
+        if "dense" not in stages:
+            continue
+        for seed in scale.seeds:
+            dense_dir = out / f"{layer_type}-dense-s{seed}"
+            once(dense_dir, partial(dense_run, scale, dense_dir, layer_type, seed, lr, args, group, use_wandb))
+            if "prune" not in stages:
+                continue
+            start = dense_dir / "checkpoints" / "last.ckpt"
+            for target in prune_targets(scale, seed):
+                for method in scale.methods:
+                    folder = out / f"{layer_type}-{method}-{round(100 * target)}-s{seed}"
+                    once(folder, partial(pruned_run, scale, folder, layer_type, start, method, target, seed, lr, args,
+                                         group, use_wandb))
+    return report.generate(out) if "prune" in stages else []
 
 
 def publish(out: Path, results: Path, command: str, minutes: float) -> None:
-    """Copy the report, CSV and plots to ``results`` with the command, date and hardware that produced them."""
-    sys.path.insert(0, str(EXP / "benchmarks"))
-    from common import hardware
+    """Copy the report, CSVs and plots to ``results`` with the command, date and hardware that produced them."""
+    from experiments.benchmarks.reporting import hardware
 
     results.mkdir(parents=True, exist_ok=True)
-    for path in [out / "results.csv", out / "report.md", *out.glob("*.png")]:
+    for path in [out / "report.md", *out.glob("*.csv"), *out.glob("*.png")]:
         shutil.copy2(path, results / path.name)
     (results / "command.txt").write_text(f"{command}\n# {date.today()}, {hardware()}, {minutes:.0f} min\n")
 
@@ -93,16 +207,28 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="run folder (default: runs/compare/<scale>)")
     parser.add_argument("--results", type=Path, default=None, help="also copy the results here (e.g. "
                         "experiments/results/wt2-cpu)")
+    parser.add_argument("--data-dir", default=os.environ.get("WIKITEXT_DIR") or None,
+                        help="local WikiText folder (default: $WIKITEXT_DIR, else the recipe's data_dir)")
+    parser.add_argument("--stages", default=",".join(STAGES),
+                        help=f"comma-separated stages to run, a prefix of {','.join(STAGES)}")
+    parser.add_argument("--layer-types", default=",".join(LAYER_TYPES), help="comma-separated architectures")
     parser.add_argument("--no-wandb", action="store_true", help="CSV logs only")
     args, extra = parser.parse_known_args()
+    stages = tuple(args.stages.split(","))
+    if stages != STAGES[: len(stages)]:
+        parser.error(f"--stages must be a prefix of {','.join(STAGES)}; got {args.stages}")
     out = args.out or REPO / "runs" / "compare" / args.scale
+    data = [f"--data.data_dir={args.data_dir}"] if args.data_dir else []
     started = time.perf_counter()
-    runs = run_comparison(SCALES[args.scale], out, extra, use_wandb=not args.no_wandb)
+    runs = run_comparison(SCALES[args.scale], out, [*data, *extra], use_wandb=not args.no_wandb,
+                          layer_types=tuple(args.layer_types.split(",")), stages=stages)
     minutes = (time.perf_counter() - started) / 60
-    print("\n" + report.markdown_table(runs))
-    if args.results:
-        publish(out, args.results, "python -m experiments.compare " + shlex.join(sys.argv[1:]), minutes)
-    print(f"\n{minutes:.1f} min; report: {out / 'report.md'}")
+    if runs:
+        print("\n" + report.markdown_table(runs))
+        if args.results:
+            command = "python -m experiments.compare " + shlex.join(sys.argv[1:])
+            publish(out, args.results, command, minutes)
+    print(f"\n{minutes:.1f} min; runs under {out}", flush=True)
 
 
 if __name__ == "__main__":

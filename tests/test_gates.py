@@ -1,4 +1,4 @@
-"""Tests of the hard-concrete head gate against its formulas (PAPER 2)."""
+"""Tests of the hard-concrete head gate against its formulas (docs/method.md §2)."""
 
 import math
 
@@ -47,7 +47,7 @@ def test_l0_term_equals_its_closed_form(beta, gamma, zeta):
         gate.log_alpha.copy_(torch.tensor(values))
     expected = sum(1 / (1 + math.exp(-(a - beta * math.log(-gamma / zeta)))) for a in values)
     assert gate.l0().item() == pytest.approx(expected, rel=1e-6)
-    # PAPER 2: at the default init 2.0 each term is sigmoid(2.80) = 0.943
+    # docs/method.md §2: at the default init 2.0 each term is sigmoid(2.80) = 0.943
     assert HardConcreteGate(8).l0().item() / 8 == pytest.approx(0.94259, abs=1e-5)  # sigmoid(2 + 0.7985)
 
 

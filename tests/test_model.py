@@ -296,15 +296,15 @@ def test_paper_config_parameter_counts():
         all_att = MemoryTransformerLM(layer_type="all_attention", **PAPER)
         txl = MemoryTransformerLM(layer_type="transformer_xl", **PAPER)
     counts = all_att.parameter_counts()
-    # PAPER 1.5: 3,410,440 per All-attention layer = 4·512² (q, k, v, r) + 512² + 512 (W_o, b_o)
+    # docs/method.md §1.5: 3,410,440 per All-attention layer = 4·512² (q, k, v, r) + 512² + 512 (W_o, b_o)
     # + 2·8·2048·64 (persistent K, V) + 2·8·64 (u, v') + 2·512 (LN) + 8 (head gates)
     assert counts["per_layer"] == [3_410_440] * 16
     assert all_att.num_parameters(include_embeddings=False) == 16 * 3_410_440 == counts["layers"]
     assert counts["embeddings"] == 18_810_040  # 20000·512 + 20000·128 + 160000·32 + 67735·8 + 512·(512+128+32+8)
     assert counts["softmax_untied"] == 531_418  # shortlist proj 512² + cluster 3·512+3 + output biases 267735
     assert counts["position_table"] == 512 * 512
-    assert counts["total"] == all_att.num_parameters(include_embeddings=True) == 74_170_514 + 16 * 8  # PAPER: 74.17M
-    # PAPER 1.5 counts the nnlib TXL layer as 3,412,992 = 4·512² + (512² + 512) + (2·512·2048 + 2048 + 512)
+    assert counts["total"] == all_att.num_parameters(include_embeddings=True) == 74_170_514 + 16 * 8  # docs/method.md §1.5: 74.17M
+    # docs/method.md §1.5 counts the nnlib TXL layer as 3,412,992 = 4·512² + (512² + 512) + (2·512·2048 + 2048 + 512)
     # + 2·2·512 (two LNs). Ours also has per-layer u and v' (2·8·64 = 1,024), which nnlib shares across layers,
     # and the 8 head gates.
     assert txl.parameter_counts()["per_layer"] == [3_412_992 + 1_024 + 8] * 16
@@ -315,7 +315,7 @@ def test_paper_config_macs_per_token():
         all_att = MemoryTransformerLM(layer_type="all_attention", **PAPER)
         txl = MemoryTransformerLM(layer_type="transformer_xl", **PAPER)
     macs = all_att.macs_per_token()
-    # PAPER 1.5 at S = 384, N = 2048: 8 heads · 466,944 = 3,735,552 MACs per token per layer
+    # docs/method.md §1.5 at S = 384, N = 2048: 8 heads · 466,944 = 3,735,552 MACs per token per layer
     assert macs["context_len"] == 384
     assert macs["per_layer"] == [8 * 466_944] * 16 and macs["layers"] == 16 * 3_735_552
     # TXL: attention 8 · (4·512·64 + 3·384·64) = 1,638,400 + FF 2·512·2048 = 2,097,152: the same total

@@ -1,4 +1,4 @@
-"""The sparsity warm-up schedule (PAPER 3.1) and the callback's argument checks."""
+"""The sparsity warm-up schedule (docs/method.md §3.1) and the callback's argument checks."""
 
 import pytest
 import pytorch_lightning as pl

@@ -1,9 +1,9 @@
-"""Adaptive input embedding and adaptive softmax with tied weights (Baevski & Auli 2019; PAPER 1.4).
+"""Adaptive input embedding and adaptive softmax with tied weights (Baevski & Auli 2019; docs/method.md §1.4).
 
 The vocabulary (sorted by frequency) is split by `cutoffs` into a shortlist and tail clusters; cluster i has
 width d_model // div_value**i. Our own module rather than torch.nn.AdaptiveLogSoftmaxWithLoss, because that
 one owns its weights and cannot tie them to an adaptive input embedding (nor has the untied shortlist
-projection of PAPER 1.4).
+projection of docs/method.md §1.4).
 """
 
 from collections.abc import Sequence
@@ -76,7 +76,7 @@ class AdaptiveEmbedding(nn.Module):
 
 
 class AdaptiveSoftmax(nn.Module):
-    """Adaptive softmax tied to an AdaptiveEmbedding (PAPER 1.4).
+    """Adaptive softmax tied to an AdaptiveEmbedding (docs/method.md §1.4).
 
     Head: [shortlist logits ; one logit per tail cluster]. Shortlist logits = E0 · P_s h + b, with P_s an
     untied d x d projection (present iff the embedding has projections) and E0 tied to the shortlist table;

@@ -1,5 +1,5 @@
 """Transformer-XL relative-position multi-head attention with recurrence memory and, for All-attention,
-per-head persistent key/value slots (PAPER 1.1, 1.2).
+per-head persistent key/value slots (docs/method.md §1.1, §1.2).
 
 Notation: B batch, T segment (query) length, M memory length, S = M + T keys from context, H heads, D = d_head,
 N persistent slots per head.
@@ -26,7 +26,7 @@ def resolve_impl(impl: str, device: torch.device) -> str:
 
 
 def attention_mask(q_len: int, n_mem: int, same_length: bool, device: torch.device | None = None) -> Tensor:
-    """Which context keys each query may attend: bool [T, S], True = allowed (PAPER 1.1).
+    """Which context keys each query may attend: bool [T, S], True = allowed (docs/method.md §1.1).
 
     Keys are [memory; segment], so query i sits at absolute position n_mem + i and may attend key j when
     j <= n_mem + i (causal). With `same_length` it also needs j >= i, so every query sees exactly n_mem + 1
@@ -131,7 +131,7 @@ class RelativeMultiHeadAttention(nn.Module):
         if n_persistent > 0:
             self.persistent_k = nn.Parameter(torch.empty(n_heads, n_persistent, d_head))
             self.persistent_v = nn.Parameter(torch.empty(n_heads, n_persistent, d_head))
-            bound = 1.0 / math.sqrt(d_model)  # module default; MemoryTransformerLM re-inits per PAPER 1.3
+            bound = 1.0 / math.sqrt(d_model)  # module default; MemoryTransformerLM re-inits per docs/method.md §1.3
             nn.init.uniform_(self.persistent_k, -bound, bound)
             nn.init.uniform_(self.persistent_v, -bound, bound)
         else:
@@ -241,7 +241,7 @@ class RelativeMultiHeadAttention(nn.Module):
         bias = ((pos + content[:, :, None]) * scale).masked_fill(blocked, float("-inf"))  # (B, H, T, S)
         if self.n_persistent > 0:
             B = q.size(0)
-            # SDPA divides every logit by sqrt(D); the stored key times sqrt(D) undoes it (PAPER 1.2)
+            # SDPA divides every logit by sqrt(D); the stored key times sqrt(D) undoes it (docs/method.md §1.2)
             pk = (self.persistent_k * self.d_head**0.5).to(k.dtype).expand(B, -1, -1, -1)  # (B, H, N, D)
             pv = (self.persistent_v * self.n_persistent**0.5).to(v.dtype).expand(B, -1, -1, -1)
             k, v = torch.cat([k, pk], dim=2), torch.cat([v, pv], dim=2)  # (B, H, S+N, D)
@@ -272,7 +272,7 @@ class RelativeMultiHeadAttention(nn.Module):
         return o
 
     def macs_per_token(self, context_len: int) -> int:
-        """Forward multiply-accumulates per token at S = context_len keys (PAPER 1.5 convention).
+        """Forward multiply-accumulates per token at S = context_len keys (docs/method.md §1.5 convention).
 
         Per head: 4·d·D (q, k, v and o projections, one row each per token) + (S+N)·D (content and
         persistent logits) + S·D (position logits) + (S+N)·D (weighted sum of values). W_r acts on the

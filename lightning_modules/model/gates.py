@@ -1,4 +1,4 @@
-"""Hard-concrete (L0) head gates (Louizos et al., 2018) in the form the paper's code uses (PAPER 2).
+"""Hard-concrete (L0) head gates (Louizos et al., 2018) in the form the paper's code uses (docs/method.md §2).
 
 Written here because no maintained library offers a hard-concrete gate with a straight-through 0/1 output and
 the paper's L0 term; the whole thing is a few tensor expressions.
@@ -24,7 +24,7 @@ class HardConcreteGate(nn.Module):
 
     Args:
         n_heads: Heads of the layer.
-        init: Initial log_alpha; 2.0 keeps each head open 88% of training steps at the start (PAPER 3.2).
+        init: Initial log_alpha; 2.0 keeps each head open 88% of training steps at the start (docs/method.md §3.2).
         beta: Temperature of the concrete distribution; lower is closer to a Bernoulli.
         gamma, zeta: Stretch interval, gamma < 0 < 1 < zeta.
     """
@@ -60,7 +60,7 @@ class HardConcreteGate(nn.Module):
         return hard + (stretched - stretched.detach())  # exactly 0 or 1 forward, the stretched gradient back
 
     def l0(self) -> Tensor:
-        """Expected number of non-zero stretched gates, sum_h P(s_bar_h > 0), differentiable (PAPER 2)."""
+        """Expected number of non-zero stretched gates, sum_h P(s_bar_h > 0), differentiable (docs/method.md §2)."""
         shift = self.beta * math.log(-self.gamma / self.zeta)
         return torch.sigmoid(self.log_alpha - shift).clamp(EPS, 1 - EPS).sum()
 

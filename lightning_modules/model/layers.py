@@ -1,7 +1,7 @@
 """Pre-norm Transformer layers with recurrence memory: All-attention (no FFN) and Transformer-XL (with FFN).
 
 Both take the layer input h [B, T, d], the layer's memory [B, M, d] (earlier inputs of this layer, not yet
-normalised) and the position-table rows [S, d]; the same LayerNorm normalises h and the memory (PAPER 1.2).
+normalised) and the position-table rows [S, d]; the same LayerNorm normalises h and the memory (docs/method.md §1.2).
 Each has a :class:`HardConcreteGate` over its heads (used only when the model switches gating on) and a
 ``select_heads_`` that removes heads physically; a layer with no heads left skips its attention sublayer.
 """
@@ -33,7 +33,7 @@ class GatedHeadsMixin:
 
 class AllAttentionLayer(GatedHeadsMixin, nn.Module):
     """All-attention layer: h + Drop(Attn(LN(h), LN(mem))), where the attention has persistent key/value
-    slots per head that stand in for the feed-forward sublayer (PAPER 1.2)."""
+    slots per head that stand in for the feed-forward sublayer (docs/method.md §1.2)."""
 
     def __init__(
         self,

@@ -1,5 +1,5 @@
 """MemoryTransformerLM: a Transformer-XL style language model with recurrence memory whose layers are either
-All-attention layers (persistent memory, no FFN) or Transformer-XL layers (attention + FFN) (PAPER 1.1).
+All-attention layers (persistent memory, no FFN) or Transformer-XL layers (attention + FFN) (docs/method.md §1.1).
 
 Forward: adaptive embedding -> input dropout -> x sqrt(d) -> layers, each with its own memory -> dropout
 -> tied adaptive softmax. No final LayerNorm.
@@ -126,7 +126,7 @@ class MemoryTransformerLM(nn.Module):
 
     @torch.no_grad()
     def _init_weights(self, s1: float, s2: float) -> None:
-        """PAPER 1.3: U(-s1, s1) for embeddings, adaptive projections, W_o and P; U(-s2, s2) for W_q/k/v/r,
+        """docs/method.md §1.3: U(-s1, s1) for embeddings, adaptive projections, W_o and P; U(-s2, s2) for W_q/k/v/r,
         the cluster logits and persistent K/V (and, our choice, the FFN); biases, u and v' zero; LN 1 / 0."""
         _uniform_(self.pos_table, s1)
         for module in self.modules():
@@ -441,7 +441,7 @@ class MemoryTransformerLM(nn.Module):
     def macs_per_token(self) -> dict[str, int | list[int]]:
         """Forward multiply-accumulates (MACs; FLOPs = 2 x MACs) per token at S = mem_len + tgt_len keys.
 
-        Per layer (PAPER 1.5): heads · (4·d·D + 2·(S+N)·D + S·D), plus 2·d·d_inner for a Transformer-XL FFN
+        Per layer (docs/method.md §1.5): heads · (4·d·D + 2·(S+N)·D + S·D), plus 2·d·d_inner for a Transformer-XL FFN
         (N = 0 there). The adaptive softmax: `softmax_head` (shortlist + cluster logits, always paid),
         `softmax_tails` (per tail cluster) and `softmax_full` (all clusters, as for full log-probs).
         `total` = layers + softmax_full. Embedding lookups, LayerNorms and W_r·P (once per forward, not per

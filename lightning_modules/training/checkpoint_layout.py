@@ -1,11 +1,14 @@
 """What a checkpoint records about its model (configuration and head layout), and how a freshly built model is
 matched to it before weights load: checked for compatibility, then shrunk to the checkpoint's heads."""
 
+import pickle
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from lightning_modules.errors import MissingFileError, UsageError, one_line
 from lightning_modules.model import MemoryTransformerLM, ModelConfig
 
 CHECKPOINT_KEY = "headprune"
@@ -26,18 +29,36 @@ def layout_record(model: MemoryTransformerLM) -> dict[str, Any]:
     }
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint file onto the CPU, with a clear error when it is missing or unreadable."""
+def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
+    """Load a checkpoint file safely (``torch.load(weights_only=True)``: tensors and plain Python values only, so a
+    crafted file cannot run code), with a one-line :class:`UsageError` when it is missing, unsafe or unreadable."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist; check the path (e.g. .../checkpoints/last.ckpt)")
+        raise MissingFileError(f"checkpoint {path} does not exist; check the path (e.g. .../checkpoints/last.ckpt)")
     try:
-        # our own checkpoints hold plain Python containers beside tensors, so the full unpickler is needed;
         # mmap leaves tensor data on disk until used, so reading only the layout record stays cheap
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
+    except RuntimeError as error:
+        if "_use_new_zipfile_serialization" not in str(error):
+            raise _unreadable(path, error) from error
     except Exception as error:
-        raise ValueError(f"checkpoint {path} cannot be read ({type(error).__name__}: {error}); "
-                         "it is truncated or not a checkpoint") from error
+        raise _unreadable(path, error) from error
+    try:  # a file in torch's legacy (pre-zip) format cannot be memory-mapped; the same safe loader reads it whole
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:
+        raise _unreadable(path, error) from error
+
+
+def _unreadable(path: Path, error: Exception) -> UsageError:
+    """The one-line error for a checkpoint the safe loader refused (``UnpicklingError``) or could not read."""
+    if isinstance(error, pickle.UnpicklingError):
+        found = re.search(r"GLOBAL (\S+)|Unsupported operand \d+", str(error))
+        what = f" ({found.group(1) or found.group(0)})" if found else ""
+        return UsageError(f"checkpoint {path} is unsafe: it holds Python objects{what} that loading would run as "
+                          "code, and only tensors and plain values are loaded; use a checkpoint written by headprune")
+    first_line = one_line(str(error).split(". ")[0])[:200]
+    return UsageError(f"checkpoint {path} cannot be read ({type(error).__name__}: {first_line}); it is truncated or "
+                      "not a checkpoint: use a complete .ckpt written by headprune (e.g. .../checkpoints/last.ckpt)")
 
 
 def recorded_config(record: dict[str, Any], source: str) -> ModelConfig:
@@ -45,20 +66,20 @@ def recorded_config(record: dict[str, Any], source: str) -> ModelConfig:
     try:
         return ModelConfig.from_dict(record["model_config"])
     except (KeyError, TypeError, ValueError) as error:
-        raise ValueError(f"{source} records a model configuration this version cannot build ({error})") from error
+        raise UsageError(f"{source} records a model configuration this version cannot build ({error})") from error
 
 
 def check_compatible(model: MemoryTransformerLM, record: dict[str, Any], source: str) -> None:
-    """Raise a ValueError naming every shape-defining setting where ``record`` and ``model`` disagree."""
+    """Raise a UsageError (a ValueError) naming every shape-defining setting where ``record`` and ``model`` disagree."""
     if record.get("format") != LAYOUT_FORMAT:
-        raise ValueError(f"{source} has headprune layout format {record.get('format')!r}; this version reads "
+        raise UsageError(f"{source} has headprune layout format {record.get('format')!r}; this version reads "
                          f"format {LAYOUT_FORMAT}")
     saved, ours = recorded_config(record, source).shape_entries(), model.config.shape_entries()
     diffs = [f"{key}: {saved[key]!r} there, {ours.get(key)!r} here" for key in saved if saved[key] != ours.get(key)]
     if diffs:
         hint = (" (a different vocabulary: use the data settings the checkpoint was trained with)"
                 if saved["vocab_size"] != ours["vocab_size"] else "")
-        raise ValueError(f"{source} does not fit this model: " + "; ".join(diffs) + hint)
+        raise UsageError(f"{source} does not fit this model: " + "; ".join(diffs) + hint)
 
 
 def apply_layout(model: MemoryTransformerLM, record: dict[str, Any] | None, source: str) -> None:
@@ -70,7 +91,7 @@ def apply_layout(model: MemoryTransformerLM, record: dict[str, Any] | None, sour
     check_compatible(model, record, source)
     layout, current = list(record["heads_per_layer"]), model.heads_per_layer
     if any(k > n for k, n in zip(layout, current, strict=True)):
-        raise ValueError(
+        raise UsageError(
             f"{source} has heads per layer {layout} but the model in memory has only {current}: removed heads "
             "cannot grow back. Load it into a freshly built model (`headprune test --ckpt_path ...`, or "
             "LanguageModel.load_from_checkpoint)"
@@ -93,11 +114,11 @@ def load_dense_weights(model: MemoryTransformerLM, path: str | Path) -> int:
     ours = {key for key in model.state_dict() if not key.endswith(OPTIONAL_SUFFIXES) or key in state}
     missing, unexpected = sorted(ours - state.keys()), sorted(state.keys() - ours)
     if missing or unexpected:
-        raise ValueError(f"init_from checkpoint {path} does not match the model: missing {missing[:5]}, "
+        raise UsageError(f"init_from checkpoint {path} does not match the model: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}; is it a headprune LanguageModel checkpoint of this config?")
     for key, value in model.state_dict().items():
         if key in state and state[key].shape != value.shape:
-            raise ValueError(f"init_from checkpoint {path}: {key} has shape {tuple(state[key].shape)}, the model "
+            raise UsageError(f"init_from checkpoint {path}: {key} has shape {tuple(state[key].shape)}, the model "
                              f"{tuple(value.shape)}; build the model with the checkpoint's configuration")
     model.load_state_dict(state, strict=False)
     return len(state)

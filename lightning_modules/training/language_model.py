@@ -53,10 +53,10 @@ class LanguageModel(pl.LightningModule):
         max_new_tokens: Tokens that ``predict`` generates after each prompt.
         temperature: Sampling temperature of ``predict``; 0 takes the most likely token.
         top_k: Sample only among the ``top_k`` most likely tokens (``None``: all).
-        gate_lr_factor: Learning rate of the head gates (``log_alpha``) relative to the others (PAPER 4.3: 10);
+        gate_lr_factor: Learning rate of the head gates (``log_alpha``) relative to the others (docs/method.md §4.3: 10);
             gates also get no weight decay.
         init_from: A checkpoint whose model weights start this run (e.g. the dense baseline a pruning run
-            starts from). Its gates are not loaded: they start at this model's ``gate_init`` (PAPER 4.3). A
+            starts from). Its gates are not loaded: they start at this model's ``gate_init`` (docs/method.md §4.3). A
             ``--ckpt_path`` resume restores its own weights over these (Lightning loads the resume checkpoint
             after ``setup``, so the baseline file must still exist, or pass ``--model.init_from=null``).
         on_nonfinite_loss: What a NaN or infinite training loss does: ``stop`` raises an error naming the step

@@ -10,7 +10,7 @@ from torch.optim import Optimizer
 
 
 class Lamb(Optimizer):
-    """LAMB as in NVIDIA's Transformer-XL recipe, which the paper uses (PAPER.md 4.2).
+    """LAMB as in NVIDIA's Transformer-XL recipe, which the paper uses (docs/method.md §4.2).
 
     Adam moments without bias correction; per parameter tensor the step ``m / (sqrt(v) + eps) + wd * w`` is scaled
     by the trust ratio ``clamp(||w||, 0, 10) / ||step||`` (1 when either norm is 0). torch ships no LAMB and the
