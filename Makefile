@@ -16,7 +16,7 @@ SCALE ?= wt2-cpu
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.headprune-installed
 
-.PHONY: install test test-all lint demo compare report bench bench-throughput bench-compile bench-data bench-prune clean
+.PHONY: install test test-fast lint demo compare report bench bench-throughput bench-compile bench-data bench-prune clean
 
 install: $(STAMP)
 
@@ -27,12 +27,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# pytest exits 5 when it collected nothing: say so, and keep the failure (a run of no tests is never green).
+# The whole suite (CI runs this). pytest exits 5 when it collected nothing: say so, and keep the failure (a run of
+# no tests is never green).
 test: install
 	@$(BIN)/python -m pytest $(PYTEST_ARGS) || { s=$$?; [ $$s -ne 5 ] || echo "make test: pytest collected no tests" >&2; exit $$s; }
 
-test-all: install
-	$(BIN)/python -m pytest -m '' $(PYTEST_ARGS)
+# the quick loop for editing: everything not marked slow
+test-fast: install
+	$(BIN)/python -m pytest -m 'not slow' $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check .

@@ -19,6 +19,7 @@ def run_benchmark(module: str, *args: str) -> list[dict]:
     return lines
 
 
+@pytest.mark.slow
 def test_throughput_benchmark_prints_every_w1_figure(tmp_path):
     lines = run_benchmark("throughput", "--repeats", "1", "--data", str(tmp_path / "no-data"))
     metrics = {(line["metric"], line.get("layer_type"), line.get("heads_removed")) for line in lines}
@@ -33,6 +34,7 @@ def test_throughput_benchmark_prints_every_w1_figure(tmp_path):
     assert {line["tokens"] for line in lines} == {"Zipf(1) ids"}
 
 
+@pytest.mark.slow
 def test_pruning_speedup_benchmark_reports_ideal_ratios():
     lines = run_benchmark("pruning_speedup", "--layers", "1", "--batch", "1", "--repeats", "1", "--warmup", "0")
     params = {(line["layer_type"], line["heads_removed"]): line

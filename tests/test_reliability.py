@@ -47,6 +47,7 @@ def test_a_checkpoint_write_that_dies_midway_leaves_the_previous_file_whole(tmp_
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"], "no temporary file is left behind"
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_exits_cleanly_and_the_run_resumes(wikitext2_dir, wt2_cache_dir, tmp_path):
     script = Path(sys.executable).parent / "headprune"
     if not script.exists():
@@ -129,6 +130,7 @@ def _prepare(data_dir: str, cache_dir: str, queue) -> None:
     queue.put(dm.vocab.sha256)
 
 
+@pytest.mark.slow
 def test_two_processes_preparing_one_cache_at_once_end_with_one_valid_cache(tmp_path):
     data_dir = write_corpus(tmp_path / "text")
     cache = tmp_path / "cache"
@@ -203,6 +205,7 @@ def test_resuming_continues_with_the_first_unfinished_batch(tmp_path, where):
     assert first.seen + resumed.seen == straight.seen, "the resumed run reads exactly the batches not yet trained"
 
 
+@pytest.mark.slow
 def test_sigkill_during_pruning_resumes_with_its_layout_and_multipliers(wikitext2_dir, wt2_cache_dir, tmp_path):
     script = Path(sys.executable).parent / "headprune"
     if not script.exists():
@@ -279,6 +282,7 @@ def test_a_checkpoint_of_another_vocabulary_is_rejected_before_anything_runs(wik
     assert files_under(root) == set()
 
 
+@pytest.mark.slow
 def test_a_rank_that_dies_makes_the_ddp_job_fail_instead_of_hanging(wikitext2_dir, wt2_cache_dir, tmp_path):
     script = Path(sys.executable).parent / "headprune"
     if not script.exists():

@@ -138,6 +138,7 @@ class RankRecordingModel(RecordingModel):
         torch.save(torch.stack(self.first_batches), Path(self.folder) / f"rank{self.global_rank}.pt")
 
 
+@pytest.mark.slow
 def test_ddp_ranks_train_on_their_own_contiguous_shares(synthetic_dir: Path, tmp_path: Path):
     dm = WikiTextDataModule(name="wikitext-2", data_dir=str(synthetic_dir), cache_dir=str(tmp_path / "cache"),
                             batch_size=2, tgt_len=3, random_offset=False)
