@@ -236,3 +236,22 @@ def test_loading_a_checkpoint_drops_init_from_so_a_later_fit_keeps_the_loaded_we
     module.on_load_checkpoint(checkpoint)
     assert module.init_from is None
     module.setup("fit")  # would raise FileNotFoundError if it still tried the baseline
+
+
+def test_a_checkpoint_with_the_older_layer_norm_names_loads_everywhere(tmp_path):
+    """All-attention checkpoints written before the layer norm was named ``attn_norm`` call it ``norm``; loading
+    (strict, init_from, load_from_checkpoint) renames it and the weights arrive unchanged."""
+    old = LanguageModel(tiny_model())
+    with torch.no_grad():
+        old.model.layers[1].attn_norm.weight.uniform_()
+    checkpoint = {"state_dict": {k.replace(".attn_norm.", ".norm."): v for k, v in old.state_dict().items()},
+                  "pytorch-lightning_version": pl.__version__, "hyper_parameters": {}}
+    assert "model.layers.1.norm.weight" in checkpoint["state_dict"]
+    old.on_save_checkpoint(checkpoint)
+    path = tmp_path / "old-names.ckpt"
+    torch.save(checkpoint, path)
+    expected = old.model.layers[1].attn_norm.weight
+    assert torch.equal(LanguageModel.load_from_checkpoint(path).model.layers[1].attn_norm.weight, expected)
+    started = LanguageModel(tiny_model(), init_from=str(path))
+    started.setup("fit")
+    assert torch.equal(started.model.layers[1].attn_norm.weight, expected)
