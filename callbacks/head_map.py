@@ -19,7 +19,7 @@ def head_map_rows(model: MemoryTransformerLM, step: int) -> list[dict]:
         present = {int(h): pos for pos, h in enumerate(layer.attn.head_ids.tolist())}
         for head in range(model.config.n_heads):
             if head in present:
-                value = float(layer.gate.log_alpha[present[head]])
+                value = float(layer.gate.log_alpha[present[head]].detach())
                 state = "open" if keep[present[head]] else "shut"
             else:
                 value, state = math.nan, "removed"

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning_fabric.utilities.cloud_io import _load as pl_load
 from lightning_fabric.utilities.cloud_io import get_filesystem
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
@@ -34,12 +33,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             torch.save(checkpoint, f)
         return None
 
-    def load_checkpoint(self, path: str | Path, map_location: Any | None = None,
+    def load_checkpoint(self, path: str | Path, map_location: Any = "cpu",
                         weights_only: bool | None = None) -> dict[str, Any]:
         """The checkpoint at ``path``, read with the safe loader (local files: :func:`read_checkpoint`)."""
         if weights_only is False:
             raise ValueError("AtomicCheckpointIO loads checkpoints with weights_only=True only")
         protocol = get_filesystem(path).protocol
         if "file" not in (protocol if isinstance(protocol, tuple) else (protocol,)):
-            return pl_load(path, map_location=map_location, weights_only=True)
+            return super().load_checkpoint(path, map_location=map_location, weights_only=True)
         return read_checkpoint(path, map_location=map_location)

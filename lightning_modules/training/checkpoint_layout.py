@@ -3,6 +3,7 @@ matched to it before weights load: checked for compatibility, then shrunk to the
 
 import pickle
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,9 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
     except Exception as error:
         raise _unreadable(path, error) from error
     try:  # a file in torch's legacy (pre-zip) format cannot be memory-mapped; the same safe loader reads it whole
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch's note on the pickle protocol: the error below says more
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:
         raise _unreadable(path, error) from error
 
@@ -52,10 +55,11 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
 def _unreadable(path: Path, error: Exception) -> UsageError:
     """The one-line error for a checkpoint the safe loader refused (``UnpicklingError``) or could not read."""
     if isinstance(error, pickle.UnpicklingError):
-        found = re.search(r"GLOBAL (\S+)|Unsupported operand \d+", str(error))
-        what = f" ({found.group(1) or found.group(0)})" if found else ""
-        return UsageError(f"checkpoint {path} is unsafe: it holds Python objects{what} that loading would run as "
-                          "code, and only tensors and plain values are loaded; use a checkpoint written by headprune")
+        found = re.search(r"GLOBAL (\S+)", str(error))
+        what = f"Python objects ({found.group(1)}) that loading would run as code" if found else (
+            "pickled instructions that the safe loader refuses")
+        return UsageError(f"checkpoint {path} is unsafe: it holds {what}, and only tensors and plain values are "
+                          "loaded; use a checkpoint written by headprune")
     first_line = one_line(str(error).split(". ")[0])[:200]
     return UsageError(f"checkpoint {path} cannot be read ({type(error).__name__}: {first_line}); it is truncated or "
                       "not a checkpoint: use a complete .ckpt written by headprune (e.g. .../checkpoints/last.ckpt)")
