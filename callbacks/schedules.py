@@ -2,8 +2,8 @@
 
 
 def linear_ramp(step: int, start: int, length: int) -> float:
-    """0 before ``start``, then (step - start + 1) / length until it reaches 1 (docs/method.md §3.1); 1 from ``start`` on
-    when ``length`` is 0."""
+    """0 before ``start``, then (step - start + 1) / length until it reaches 1 (docs/method.md §3.1); 1 from
+    ``start`` on when ``length`` is 0."""
     if step < start:
         return 0.0
     if length == 0:

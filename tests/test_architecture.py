@@ -9,18 +9,20 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 # the layers, most specific first (a module belongs to the first prefix it starts with)
-LAYERS = ("lightning_modules.model", "lightning_modules.training", "lightning_modules.cli", "lightning_modules",
-          "datamodules", "callbacks", "experiments")
-# what each layer may import from the others; the CLI is the one composition root below experiments, and the
-# modules at the top of lightning_modules (the user-error type) are leaves every layer of it may use
+LAYERS = ("lightning_modules.model", "lightning_modules.training", "lightning_modules.cli", "lightning_modules.export",
+          "lightning_modules", "datamodules", "callbacks", "experiments")
+COMMAND = {"lightning_modules.model", "lightning_modules.training", "lightning_modules", "datamodules", "callbacks"}
+# what each layer may import from the others; the commands (the headprune CLI, the export command) are the
+# composition roots below experiments, and the modules at the top of lightning_modules (the user-error type) are
+# leaves every layer of it may use
 ALLOWED = {
     "lightning_modules": set(),
     "lightning_modules.model": {"lightning_modules"},
     "datamodules": set(),
     "lightning_modules.training": {"lightning_modules", "lightning_modules.model", "datamodules.atomic"},
     "callbacks": {"lightning_modules", "lightning_modules.model"},
-    "lightning_modules.cli": {"lightning_modules.model", "lightning_modules.training", "lightning_modules",
-                              "datamodules", "callbacks"},
+    "lightning_modules.cli": COMMAND,
+    "lightning_modules.export": COMMAND,
     "experiments": set(LAYERS) - {"experiments"},
 }
 FRAMEWORKS = ("pytorch_lightning", "lightning", "lightning_fabric", "torchmetrics")
