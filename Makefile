@@ -16,7 +16,7 @@ SCALE ?= wt2-cpu
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.headprune-installed
 
-.PHONY: install test test-fast lint demo compare report bench bench-throughput bench-compile bench-data bench-prune clean
+.PHONY: install test test-fast lint demo compare report bench bench-throughput bench-compile bench-data bench-prune bench-generate clean
 
 install: $(STAMP)
 
@@ -53,7 +53,7 @@ report: install
 	$(BIN)/python -m experiments.report $(RUNS)
 
 # every speed benchmark, one JSON line per figure (workload, metric, value, unit, hardware); about 15 min on 2 cores
-bench: bench-throughput bench-compile bench-prune bench-data
+bench: bench-throughput bench-compile bench-prune bench-data bench-generate
 
 # W1: layer-stack FLOP efficiency vs torch.mm, All-attention vs Transformer-XL tokens/s, pruned speed-ups
 bench-throughput: install
@@ -62,6 +62,11 @@ bench-throughput: install
 # the opt-in torch.compile of the layers, before and after an in-run head removal
 bench-compile: install
 	$(BIN)/python -m experiments.benchmarks.compile_effect
+
+# generation and whole-model eval with the inference cache: batch 1 and 8, dense vs half the heads removed, W1 and
+# the paper's 16-layer shapes
+bench-generate: install
+	$(BIN)/python -m experiments.benchmarks.generation
 
 bench-data: install
 	$(BIN)/python -m experiments.benchmarks.data_prep

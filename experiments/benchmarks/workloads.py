@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from lightning_modules.model import MemoryTransformerLM
+from lightning_modules.model.attention import blocked_mask
 from lightning_modules.model.slicing import slice_optimizer_state_
 
 # W1: the small WikiText-2 model of the CPU recipes, dropout off, segment 64 + memory 64, batch 8
@@ -73,8 +74,9 @@ def run_stack(model: MemoryTransformerLM, h: torch.Tensor, memory: list[torch.Te
     """The layer stack alone over input ``h`` [B, T, d], each layer over its memory, as the model's forward runs
     it (embedding and adaptive softmax left out: pruning does not change them)."""
     pos_emb = model.pos_table[-(memory[0].size(1) + h.size(1)):]
+    blocked = blocked_mask(h.size(1), memory[0].size(1), model.config.same_length, h.device)  # (T, S)
     for layer, mem in zip(model.layers, memory, strict=False):
-        h = layer(h, mem, pos_emb)
+        h = layer(h, mem, pos_emb, blocked)
     return h
 
 

@@ -1,11 +1,20 @@
 """Transformer-XL relative-position multi-head attention with recurrence memory and, for All-attention,
 per-head persistent key/value slots (docs/method.md §1.1, §1.2).
 
+Read top-down: the mask and relative-position helpers; :class:`RelativeMultiHeadAttention`, whose
+``_attend_reference`` is the formula written out, followed by the two fast cores tested equal to it (``sdpa`` and
+``joint``); then :class:`LayerKVCache`, the projected memory keys/values that no-grad evaluation and generation
+reuse from one segment to the next instead of re-projecting the memory.
+
 Notation: B batch, T segment (query) length, M memory length, S = M + T keys from context, H heads, D = d_head,
 N persistent slots per head.
 """
 
+from __future__ import annotations
+
+import dataclasses
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -40,26 +49,10 @@ def attention_mask(q_len: int, n_mem: int, same_length: bool, device: torch.devi
     return allowed  # (T, S)
 
 
-_BLOCKED_KEYS: dict[tuple[int, int, bool, torch.device], Tensor] = {}
-
-
-def blocked_keys(q_len: int, n_mem: int, same_length: bool, device: torch.device) -> Tensor:
-    """The negation of `attention_mask` (True = masked), made once per shape and device: every layer of every
-    step asks for the same one. Read-only. Built outside inference mode, so that a mask first made during
-    validation can still be saved for a later training backward; never kept when it is not a plain tensor (a fake
-    tensor while torch.compile or torch.export traces)."""
-    if torch.compiler.is_compiling():
-        return ~attention_mask(q_len, n_mem, same_length, device)
-    key = (q_len, n_mem, same_length, device)
-    blocked = _BLOCKED_KEYS.get(key)
-    if blocked is None:
-        with torch.inference_mode(False):
-            blocked = ~attention_mask(q_len, n_mem, same_length, device)
-        if type(blocked) is torch.Tensor:
-            if len(_BLOCKED_KEYS) >= 16:  # a handful of shapes in practice (training, eval, generation)
-                _BLOCKED_KEYS.clear()
-            _BLOCKED_KEYS[key] = blocked
-    return blocked
+def blocked_mask(q_len: int, n_mem: int, same_length: bool, device: torch.device | None = None) -> Tensor:
+    """The keys each query may not attend, bool [T, S], True = masked: ``~attention_mask``. The model builds it
+    once per forward and hands it to every layer, as it does the position rows."""
+    return ~attention_mask(q_len, n_mem, same_length, device)
 
 
 def rel_shift(x: Tensor) -> Tensor:
@@ -98,11 +91,14 @@ class RelativeMultiHeadAttention(nn.Module):
     h*D:(h+1)*D of o_proj.weight, content_bias[h], position_bias[h], persistent_k[h], persistent_v[h] all
     belong to head h (see `head_slice`). `n_heads` is an attribute so a pruned module can carry fewer heads.
 
-    `impl` picks the attention core, all computing the same function: "joint" (one softmax over context and
-    persistent slots with a hand-written backward, see `joint_attention`; the fastest on CPU), "sdpa"
-    (F.scaled_dot_product_attention with an additive float bias, for fused GPU kernels), "reference" (explicit
-    einsum and autograd softmax, the plain formula the others are tested against) or "auto" ("joint" on CPU,
-    "sdpa" on other devices).
+    `impl` picks the attention core, all computing the same function: "reference" (`_attend_reference`: explicit
+    einsum and autograd softmax, the plain formula the others are tested against), "sdpa"
+    (F.scaled_dot_product_attention with an additive float bias, for fused GPU kernels), "joint" (one softmax over
+    context and persistent slots with a hand-written backward, see `joint_attention`; the fastest on CPU) or
+    "auto" ("joint" on CPU, "sdpa" on other devices).
+
+    `forward` projects [memory; segment] afresh (training, and whenever gradients are on); `forward_cached` takes
+    the memory's keys/values from a :class:`LayerKVCache` (no-grad evaluation and generation).
     """
 
     def __init__(
@@ -163,7 +159,8 @@ class RelativeMultiHeadAttention(nn.Module):
         return slices
 
     def forward(
-        self, x: Tensor, mem: Tensor | None, pos_emb: Tensor, head_scale: Tensor | None = None
+        self, x: Tensor, mem: Tensor | None, pos_emb: Tensor, blocked: Tensor | None = None,
+        head_scale: Tensor | None = None,
     ) -> Tensor:
         """Attend from the segment to [memory; segment] (+ persistent slots).
 
@@ -171,6 +168,8 @@ class RelativeMultiHeadAttention(nn.Module):
             x: normalised segment, [B, T, d_model].
             mem: normalised memory, [B, M, d_model], or None for no memory (M = 0).
             pos_emb: position-table rows for distances S-1 .. 0, [S, d_model] with S = M + T.
+            blocked: the keys each query may not attend, bool [T, S] (`blocked_mask`); None builds it here
+                from this module's `same_length` (the model passes the one it built for every layer).
             head_scale: optional per-head multiplier [n_heads] on each head's output before o_proj
                 (the hook for head gates); None skips it. When every entry is 0 the whole output is 0, the
                 output bias included: a layer whose heads are all shut contributes nothing, like a pruned one.
@@ -182,17 +181,29 @@ class RelativeMultiHeadAttention(nn.Module):
         S = c.size(1)
         if pos_emb.size(0) != S:
             raise ValueError(f"pos_emb has {pos_emb.size(0)} rows but memory + segment is {S} positions")
-        H = self.n_heads
+        if blocked is None:
+            blocked = blocked_mask(T, S - T, self.same_length, x.device)  # (T, S)
         q = self.q_proj(x)  # (B, T, H*D)
         kv = F.linear(c, torch.cat([self.k_proj.weight, self.v_proj.weight]))  # (B, S, 2*H*D), one matmul
-        r = self.r_proj(pos_emb).view(S, H, self.d_head).transpose(0, 1)  # (H, S, D)
-        blocked = blocked_keys(T, S - T, self.same_length, x.device)  # (T, S), True = masked
-        impl = resolve_impl(self.impl, x.device)
+        r = self.r_proj(pos_emb)  # (S, H*D)
+        return self._attend(q, kv, r, blocked, head_scale)
+
+    def _attend(self, q: Tensor, kv: Tensor, r: Tensor, blocked: Tensor, head_scale: Tensor | None,
+                persistent: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """Projected queries q [B, T, H*D], keys/values kv [B, S, 2*H*D] and position rows r [S, H*D] through the
+        chosen core, the head scale and W_o -> [B, T, d_model]. ``persistent``: `persistent_slots`, when the
+        caller holds them already (the inference cache)."""
+        H, D = self.n_heads, self.d_head
+        B, T = q.shape[:2]
+        if blocked.shape != (T, kv.size(1)):
+            raise ValueError(f"blocked is {tuple(blocked.shape)}, needs [T, S] = {[T, kv.size(1)]}")
+        r = r.view(-1, H, D).transpose(0, 1)  # (H, S, D)
+        impl = resolve_impl(self.impl, q.device)
         if impl == "joint":
-            o = self._attend_joint(q, kv, r, blocked)  # (H, B, T, D)
+            o = self._attend_joint(q, kv, r, blocked, persistent)  # (H, B, T, D)
             if head_scale is not None:
                 o = o * head_scale.view(H, 1, 1, 1)
-            o = o.permute(1, 2, 0, 3).reshape(*x.shape[:2], H * self.d_head)  # (B, T, H*D)
+            o = o.permute(1, 2, 0, 3).reshape(B, T, H * D)  # (B, T, H*D)
         else:
             q = rearrange(q, "b t (h d) -> b h t d", h=H)
             k, v = rearrange(kv, "b s (two h d) -> two b h s d", two=2, h=H)  # (B, H, S, D) each
@@ -206,8 +217,54 @@ class RelativeMultiHeadAttention(nn.Module):
             return out
         return out * head_scale.detach().ne(0).any().to(out.dtype)  # a 0-dim factor: no host sync
 
-    def _attend_joint(self, q: Tensor, kv: Tensor, r: Tensor, blocked: Tensor) -> Tensor:
-        """The "joint" path, head-major: position logits (relative shift as a view, the mask) by autograd, then
+    # -------------------------------------------------------------------------- the formula, written out
+
+    def _attend_reference(self, q: Tensor, k: Tensor, v: Tensor, r: Tensor, blocked: Tensor) -> Tensor:
+        """The plain formula, which the fast cores below are tested against: explicit logits, gathered relative
+        positions, fp32 softmax over context and persistent slots. q [B, H, T, D], k/v [B, H, S, D],
+        r [H, S, D], blocked [T, S] -> [B, H, T, D]."""
+        B, H, T, _ = q.shape
+        S = k.size(2)
+        content = torch.einsum("bhtd,bhsd->bhts", q + self.content_bias[:, None], k)  # (B, H, T, S): (q+u)·k
+        pos_rows = torch.einsum("bhtd,hsd->bhts", q + self.position_bias[:, None], r)  # (B, H, T, S rows): (q+v)·r
+        index = relative_index(T, S, q.device).expand(B, H, T, S)  # row of distance i - j for query i, key j
+        position = pos_rows.gather(-1, index)  # (B, H, T, S)
+        logits = at_least_fp32((content + position) / math.sqrt(self.d_head))  # (B, H, T, S)
+        logits = logits.masked_fill(blocked, float("-inf"))  # causal (and same-length) mask
+        if self.n_persistent > 0:
+            persistent = torch.einsum("bhtd,hnd->bhtn", q, self.persistent_k.to(q.dtype))  # (B, H, T, N): q·K
+            logits = torch.cat([logits, at_least_fp32(persistent)], dim=-1)  # (B, H, T, S+N)
+        probs = F.dropout(logits.softmax(dim=-1), self.dropatt, self.training).to(v.dtype)  # one softmax
+        o = torch.einsum("bhts,bhsd->bhtd", probs[..., :S], v)  # (B, H, T, D)
+        if self.n_persistent > 0:
+            pv = (self.persistent_v * self.n_persistent**0.5).to(v.dtype)  # (H, N, D): sqrt(N)·V
+            o = o + torch.einsum("bhtn,hnd->bhtd", probs[..., S:], pv)
+        return o
+
+    # -------------------------------------------------------------------- fast cores, the same function
+
+    def _attend_sdpa(self, q: Tensor, k: Tensor, v: Tensor, r: Tensor, blocked: Tensor) -> Tensor:
+        """Fused-kernel core (GPU): the position term, u·k and the causal mask go into
+        F.scaled_dot_product_attention as one additive bias. Shapes as `_attend_reference`."""
+        scale = self.d_head**-0.5
+        pos = rel_shift(torch.einsum("bhtd,hsd->bhts", q + self.position_bias[:, None], r))  # (B, H, T, S)
+        content = torch.einsum("hd,bhsd->bhs", self.content_bias, k)  # (B, H, S): the u·k_j part
+        bias = ((pos + content[:, :, None]) * scale).masked_fill(blocked, float("-inf"))  # (B, H, T, S)
+        if self.n_persistent > 0:
+            B = q.size(0)
+            # SDPA divides every logit by sqrt(D); the stored key times sqrt(D) undoes it (docs/method.md §1.2)
+            pk = (self.persistent_k * self.d_head**0.5).to(k.dtype).expand(B, -1, -1, -1)  # (B, H, N, D)
+            pv = (self.persistent_v * self.n_persistent**0.5).to(v.dtype).expand(B, -1, -1, -1)
+            k, v = torch.cat([k, pk], dim=2), torch.cat([v, pv], dim=2)  # (B, H, S+N, D)
+            bias = F.pad(bias, (0, self.n_persistent))  # persistent slots: zero bias, never masked
+        dropout_p = self.dropatt if self.training else 0.0
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias.to(q.dtype), dropout_p=dropout_p, scale=scale
+        )  # (B, H, T, D)
+
+    def _attend_joint(self, q: Tensor, kv: Tensor, r: Tensor, blocked: Tensor,
+                      persistent: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """The CPU core, head-major: position logits (relative shift as a view, the mask) by autograd, then
         `joint_attention` (content logits and one softmax over context and persistent slots, the persistent
         keys/values shared by the batch). q [B, T, H*D], kv [B, S, 2*H*D], r [H, S, D] -> [H, B, T, D]."""
         H, D = self.n_heads, self.d_head
@@ -227,57 +284,111 @@ class RelativeMultiHeadAttention(nn.Module):
         q_content = q_scaled + as_dtype(self.content_bias * scale, dtype).view(H, 1, 1, D)
         persistent_k = persistent_v = None
         if self.n_persistent > 0:
-            persistent_k = as_dtype(self.persistent_k, dtype)  # logit q·K_n: the stored sqrt(D) cancels 1/sqrt(D)
-            persistent_v = as_dtype(self.persistent_v * self.n_persistent**0.5, dtype)
+            persistent_k, persistent_v = self.persistent_slots(dtype) if persistent is None else persistent
         dropout_p = self.dropatt if self.training else 0.0
         o = joint_attention(q_content, k, v, position, q.view(H, B * T, D), persistent_k, persistent_v, dropout_p)
         return o.view(H, B, T, D)
 
-    def _attend_sdpa(self, q: Tensor, k: Tensor, v: Tensor, r: Tensor, blocked: Tensor) -> Tensor:
-        """Fast path: position term, u·k and the causal mask go in as one additive bias."""
-        scale = self.d_head**-0.5
-        pos = rel_shift(torch.einsum("bhtd,hsd->bhts", q + self.position_bias[:, None], r))  # (B, H, T, S)
-        content = torch.einsum("hd,bhsd->bhs", self.content_bias, k)  # (B, H, S): the u·k_j part
-        bias = ((pos + content[:, :, None]) * scale).masked_fill(blocked, float("-inf"))  # (B, H, T, S)
-        if self.n_persistent > 0:
-            B = q.size(0)
-            # SDPA divides every logit by sqrt(D); the stored key times sqrt(D) undoes it (docs/method.md §1.2)
-            pk = (self.persistent_k * self.d_head**0.5).to(k.dtype).expand(B, -1, -1, -1)  # (B, H, N, D)
-            pv = (self.persistent_v * self.n_persistent**0.5).to(v.dtype).expand(B, -1, -1, -1)
-            k, v = torch.cat([k, pk], dim=2), torch.cat([v, pv], dim=2)  # (B, H, S+N, D)
-            bias = F.pad(bias, (0, self.n_persistent))  # persistent slots: zero bias, never masked
-        dropout_p = self.dropatt if self.training else 0.0
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias.to(q.dtype), dropout_p=dropout_p, scale=scale
-        )  # (B, H, T, D)
+    def persistent_slots(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """The persistent keys and values as the joint core takes them, [H, N, D] each: K as stored (the logit is
+        q·K_n: the stored sqrt(D) cancels the 1/sqrt(D)) and sqrt(N)·V."""
+        return as_dtype(self.persistent_k, dtype), as_dtype(self.persistent_v * self.n_persistent**0.5, dtype)
 
-    def _attend_reference(self, q: Tensor, k: Tensor, v: Tensor, r: Tensor, blocked: Tensor) -> Tensor:
-        """Plain path: explicit logits, gathered relative positions, fp32 softmax over all slots."""
-        B, H, T, _ = q.shape
-        S = k.size(2)
-        content = torch.einsum("bhtd,bhsd->bhts", q + self.content_bias[:, None], k)  # (B, H, T, S)
-        pos_rows = torch.einsum("bhtd,hsd->bhts", q + self.position_bias[:, None], r)  # (B, H, T, rows)
-        index = relative_index(T, S, q.device).expand(B, H, T, S)
-        position = pos_rows.gather(-1, index)  # (B, H, T, S)
-        logits = at_least_fp32((content + position) / math.sqrt(self.d_head))
-        logits = logits.masked_fill(blocked, float("-inf"))
-        if self.n_persistent > 0:
-            persistent = torch.einsum("bhtd,hnd->bhtn", q, self.persistent_k.to(q.dtype))  # (B, H, T, N)
-            logits = torch.cat([logits, at_least_fp32(persistent)], dim=-1)  # (B, H, T, S+N)
-        probs = F.dropout(logits.softmax(dim=-1), self.dropatt, self.training).to(v.dtype)
-        o = torch.einsum("bhts,bhsd->bhtd", probs[..., :S], v)  # (B, H, T, D)
-        if self.n_persistent > 0:
-            pv = (self.persistent_v * self.n_persistent**0.5).to(v.dtype)  # (H, N, D)
-            o = o + torch.einsum("bhtn,hnd->bhtd", probs[..., S:], pv)
-        return o
+    # -------------------------------------------------------------------------- the inference cache
+
+    @torch.no_grad()
+    def new_cache(self, mem: Tensor, pos_table: Tensor, mem_len: int) -> LayerKVCache:
+        """The inference cache of this module for the normalised memory ``mem`` [B, M, d_model]: its keys/values
+        projected once, W_r applied to the whole position table ``pos_table`` [max_len, d_model] once, and the
+        fused [W_q; W_k; W_v] of each step, and the scaled persistent slots. ``mem_len``: how many positions the
+        cache keeps."""
+        w_qkv = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])  # (3*H*D, d)
+        kv = F.linear(mem, w_qkv[self.n_heads * self.d_head :])  # (B, M, 2*H*D)
+        # detached: a head removal replaces the parameters' data, and the cache must keep what it was built with
+        persistent = tuple(t.detach() for t in self.persistent_slots(kv.dtype)) if self.n_persistent > 0 else None
+        return LayerKVCache(kv=kv, r=self.r_proj(pos_table), w_qkv=w_qkv, head_ids=self.head_ids, mem_len=mem_len,
+                            persistent=persistent)
+
+    def forward_cached(
+        self, x: Tensor, cache: LayerKVCache, blocked: Tensor, head_scale: Tensor | None = None
+    ) -> tuple[Tensor, LayerKVCache]:
+        """`forward` over [cached memory; segment] without re-projecting the memory: only the segment's rows go
+        through [W_q; W_k; W_v] (one matmul), the memory's keys/values and W_r·P come from ``cache``.
+
+        x: normalised segment [B, T, d_model]; cache: from `new_cache` or an earlier call (sliced here to the
+        heads left if some were removed since); blocked: [T, S] with S = M + T. Returns the output
+        [B, T, d_model] and the cache advanced by this segment (the last mem_len positions of
+        [memory; segment], as the model's memory is).
+        """
+        cache = cache.for_heads(self.head_ids)
+        inner = self.n_heads * self.d_head
+        qkv = F.linear(x, cache.w_qkv)  # (B, T, 3*H*D)
+        kv = torch.cat([cache.kv, qkv[..., inner:]], dim=1)  # (B, S, 2*H*D)
+        r = cache.r[cache.r.size(0) - kv.size(1) :]  # (S, H*D): the rows of distances S-1 .. 0
+        out = self._attend(qkv[..., :inner], kv, r, blocked, head_scale, cache.persistent)
+        return out, cache.advanced(kv)
 
     def macs_per_token(self, context_len: int) -> int:
         """Forward multiply-accumulates per token at S = context_len keys (docs/method.md §1.5 convention).
 
         Per head: 4·d·D (q, k, v and o projections, one row each per token) + (S+N)·D (content and
-        persistent logits) + S·D (position logits) + (S+N)·D (weighted sum of values). W_r acts on the
-        position table once per forward, independent of the batch, and is not counted per token; nor is
-        the re-projection of the M memory rows that each segment repeats (+ M/T · 2·d·D per head).
+        persistent logits) + S·D (position logits) + (S+N)·D (weighted sum of values). This is exactly what
+        the cached path (`forward_cached`, no-grad evaluation and generation) pays. The re-projecting path
+        (`forward`, always used in training) also projects the M memory rows again each segment
+        (+ M/T · 2·d·D per head and token) and W_r over the S position rows (once per forward, independent of
+        the batch); neither is counted.
         """
         S, N, D = context_len, self.n_persistent, self.d_head
         return self.n_heads * (4 * self.d_model * D + (S + N) * D + S * D + (S + N) * D)
+
+
+@dataclass(frozen=True)
+class LayerKVCache:
+    """One attention module's inference cache: the projected keys/values of its memory positions and what stays
+    fixed while the weights do (W_r·P for the whole position table, the fused [W_q; W_k; W_v]).
+
+    In no-grad evaluation the memory's keys and values at one segment equal those computed at the one before, so
+    a step projects only its own T rows: O(d² + (S+N)·d) per token instead of re-projecting all M memory rows
+    and the position table. Immutable: `advanced` returns the next cache, so several streams (or DDP ranks) each
+    carry their own. Valid for the weights it was built with; a head removal is followed by `for_heads`.
+
+    kv: [B, M, 2*H*D], [W_k LN(mem) | W_v LN(mem)], head-major within each half, as the projections lay them out.
+    r: [max_len, H*D], W_r applied to every row of the position table.
+    w_qkv: [3*H*D, d_model], [W_q; W_k; W_v].
+    head_ids: [H], the original ids of the heads these tensors hold.
+    mem_len: positions kept (the model's mem_len).
+    persistent: the `persistent_slots` (K, sqrt(N)·V), [H, N, D] each, or None without persistent slots. Scaling
+        sqrt(N)·V afresh each step reads and writes H·N·D values, about as much memory traffic as the step's
+        whole attention over them; held here, the layers of a W1 generation step (batch 1, one thread, shared
+        cores) took 46.8 ms instead of 51.3 (docs/performance.md, "Generation").
+    """
+
+    kv: Tensor
+    r: Tensor
+    w_qkv: Tensor
+    head_ids: Tensor
+    mem_len: int
+    persistent: tuple[Tensor, Tensor] | None = None
+
+    def advanced(self, kv: Tensor) -> LayerKVCache:
+        """The cache after a segment: the last mem_len rows of ``kv`` [B, M+T, 2*H*D] = [cached; segment's]."""
+        return dataclasses.replace(self, kv=kv[:, max(0, kv.size(1) - self.mem_len) :])
+
+    def for_heads(self, head_ids: Tensor) -> LayerKVCache:
+        """This cache for a module holding heads ``head_ids`` (original ids, a subset of this cache's): itself
+        when they are the same, else the cache with the removed heads' rows sliced out."""
+        if head_ids is self.head_ids or torch.equal(head_ids, self.head_ids.to(head_ids.device)):
+            return self if head_ids is self.head_ids else dataclasses.replace(self, head_ids=head_ids)
+        match = head_ids.to(self.head_ids.device)[:, None] == self.head_ids[None, :]  # (H_new, H_old)
+        if not bool(match.any(1).all()):
+            raise ValueError(f"the cache holds heads {self.head_ids.tolist()}; the module has {head_ids.tolist()}")
+        keep = match.int().argmax(1)  # position of each kept head in the cache
+        H, D = self.head_ids.numel(), self.r.size(1) // self.head_ids.numel()
+        B, M = self.kv.shape[:2]
+        return LayerKVCache(
+            kv=self.kv.view(B, M, 2, H, D)[:, :, :, keep].reshape(B, M, -1),
+            r=self.r.view(-1, H, D)[:, keep].reshape(self.r.size(0), -1),
+            w_qkv=self.w_qkv.view(3, H, D, -1)[:, keep].reshape(3 * keep.numel() * D, -1),
+            head_ids=head_ids, mem_len=self.mem_len,
+            persistent=None if self.persistent is None else tuple(t[keep] for t in self.persistent),
+        )

@@ -1,14 +1,18 @@
 """Pre-norm Transformer layers with recurrence memory: All-attention (no FFN) and Transformer-XL (with FFN).
 
 Both take the layer input h [B, T, d], the layer's memory [B, M, d] (earlier inputs of this layer, not yet
-normalised) and the position-table rows [S, d]; the same LayerNorm normalises h and the memory (docs/method.md §1.2).
+normalised), the position-table rows [S, d] and the mask [T, S] the model built for every layer; the same
+LayerNorm normalises h and the memory (docs/method.md §1.2). ``forward_cached`` is the no-grad evaluation path
+that takes the memory's projected keys/values from a :class:`LayerKVCache` instead.
 Each has a :class:`HardConcreteGate` over its heads (used only when the model switches gating on) and a
 ``select_heads_`` that removes heads physically; a layer with no heads left skips its attention sublayer.
 """
 
+from __future__ import annotations
+
 from torch import Tensor, nn
 
-from lightning_modules.model.attention import RelativeMultiHeadAttention
+from lightning_modules.model.attention import LayerKVCache, RelativeMultiHeadAttention
 from lightning_modules.model.gates import HardConcreteGate
 from lightning_modules.model.slicing import ParameterSlice, slice_parameter_
 
@@ -29,6 +33,24 @@ class GatedHeadsMixin:
         slices = self.attn.select_heads_(keep, out_scale)
         slices.append(slice_parameter_(self.gate.log_alpha, 0, keep))
         return slices
+
+    def new_cache(self, mem: Tensor, pos_table: Tensor, mem_len: int) -> LayerKVCache | None:
+        """The inference cache of this layer for its memory ``mem`` [B, M, d] (not normalised) and the position
+        table [max_len, d]; None when the layer has no heads left (its attention sublayer is skipped)."""
+        if self.attn.n_heads == 0:
+            return None
+        return self.attn.new_cache(self.attn_norm(mem), pos_table, mem_len)
+
+    def _cached_attention(
+        self, h: Tensor, cache: LayerKVCache | None, blocked: Tensor, head_scale: Tensor | None
+    ) -> tuple[Tensor, LayerKVCache | None]:
+        """h + Drop(Attn(LN(h), cached memory)) and the advanced cache; h itself when no heads are left."""
+        if self.attn.n_heads == 0:
+            return h, cache
+        if cache is None:
+            raise ValueError("this layer has heads but its cache entry is None: build the cache after removing heads")
+        out, cache = self.attn.forward_cached(self.attn_norm(h), cache, blocked, head_scale)
+        return h + self.drop(out), cache
 
 
 class AllAttentionLayer(GatedHeadsMixin, nn.Module):
@@ -57,13 +79,20 @@ class AllAttentionLayer(GatedHeadsMixin, nn.Module):
         self.gate = gate if gate is not None else HardConcreteGate(n_heads)
 
     def forward(
-        self, h: Tensor, mem: Tensor | None, pos_emb: Tensor, head_scale: Tensor | None = None
+        self, h: Tensor, mem: Tensor | None, pos_emb: Tensor, blocked: Tensor | None = None,
+        head_scale: Tensor | None = None,
     ) -> Tensor:
-        """h [B, T, d], mem [B, M, d] or None, pos_emb [S, d] -> [B, T, d]."""
+        """h [B, T, d], mem [B, M, d] or None, pos_emb [S, d], blocked [T, S] (None: built here) -> [B, T, d]."""
         if self.attn.n_heads == 0:
             return h
         m = None if mem is None else self.attn_norm(mem)
-        return h + self.drop(self.attn(self.attn_norm(h), m, pos_emb, head_scale=head_scale))
+        return h + self.drop(self.attn(self.attn_norm(h), m, pos_emb, blocked, head_scale=head_scale))
+
+    def forward_cached(
+        self, h: Tensor, cache: LayerKVCache | None, blocked: Tensor, head_scale: Tensor | None = None
+    ) -> tuple[Tensor, LayerKVCache | None]:
+        """`forward` with the memory's keys/values from ``cache`` (no-grad evaluation): -> [B, T, d], next cache."""
+        return self._cached_attention(h, cache, blocked, head_scale)
 
     def macs_per_token(self, context_len: int) -> int:
         """Forward multiply-accumulates per token (the attention's; LN and residual are not counted)."""
@@ -110,13 +139,21 @@ class TransformerXLLayer(GatedHeadsMixin, nn.Module):
         self.gate = gate if gate is not None else HardConcreteGate(n_heads)
 
     def forward(
-        self, h: Tensor, mem: Tensor | None, pos_emb: Tensor, head_scale: Tensor | None = None
+        self, h: Tensor, mem: Tensor | None, pos_emb: Tensor, blocked: Tensor | None = None,
+        head_scale: Tensor | None = None,
     ) -> Tensor:
-        """h [B, T, d], mem [B, M, d] or None, pos_emb [S, d] -> [B, T, d]."""
+        """h [B, T, d], mem [B, M, d] or None, pos_emb [S, d], blocked [T, S] (None: built here) -> [B, T, d]."""
         if self.attn.n_heads > 0:
             m = None if mem is None else self.attn_norm(mem)
-            h = h + self.drop(self.attn(self.attn_norm(h), m, pos_emb, head_scale=head_scale))
+            h = h + self.drop(self.attn(self.attn_norm(h), m, pos_emb, blocked, head_scale=head_scale))
         return h + self.drop(self.ff(self.ff_norm(h)))
+
+    def forward_cached(
+        self, h: Tensor, cache: LayerKVCache | None, blocked: Tensor, head_scale: Tensor | None = None
+    ) -> tuple[Tensor, LayerKVCache | None]:
+        """`forward` with the memory's keys/values from ``cache`` (no-grad evaluation): -> [B, T, d], next cache."""
+        h, cache = self._cached_attention(h, cache, blocked, head_scale)
+        return h + self.drop(self.ff(self.ff_norm(h))), cache
 
     def macs_per_token(self, context_len: int) -> int:
         """Forward multiply-accumulates per token: attention plus the two FF matmuls (2·d·d_inner)."""

@@ -19,8 +19,9 @@ import torch
 from torch import Tensor, nn
 
 from lightning_modules.model.adaptive import AdaptiveEmbedding, AdaptiveSoftmax
-from lightning_modules.model.attention import RelativeMultiHeadAttention
+from lightning_modules.model.attention import LayerKVCache, RelativeMultiHeadAttention, blocked_mask
 from lightning_modules.model.config import ATTN_IMPLS, ModelConfig
+from lightning_modules.model.export import PretrainedMixin
 from lightning_modules.model.gates import HardConcreteGate
 from lightning_modules.model.layers import AllAttentionLayer, FeedForward, TransformerXLLayer
 from lightning_modules.model.slicing import ParameterSlice
@@ -35,11 +36,38 @@ class LMOutput:
         [old memory ; this segment]. Pass it back as `memory` for the next segment.
     nll: per-token negative log-likelihood [B, T] (fp32; 0 where the target is -100), when targets are given.
     log_probs: full log-distribution [B, T, V] (fp32), when no targets are given.
+    cache: the next :class:`InferenceCache`, when the forward used one (pass it back beside `memory`).
     """
 
     memory: list[Tensor]
     nll: Tensor | None = None
     log_probs: Tensor | None = None
+    cache: InferenceCache | None = None
+
+
+@dataclass(frozen=True)
+class InferenceCache:
+    """The projected keys/values of every layer's memory positions, for no-grad evaluation and generation: a
+    forward given one projects only its own segment (see :class:`LayerKVCache`) and returns the next one in
+    ``LMOutput.cache``. It goes beside the hidden-state ``memory``, which stays the recurrence state that outside
+    code passes back; both describe the same positions. Immutable and explicit, so every stream (or DDP rank)
+    carries its own. Build it with ``model(..., use_cache=True)`` or :meth:`MemoryTransformerLM.init_cache`; a
+    head removal slices it on its next use; a change of weights calls for a new one.
+
+    layers: one entry per layer, None for a layer with no heads left.
+    """
+
+    layers: tuple[LayerKVCache | None, ...]
+
+    @property
+    def batch_size(self) -> int | None:
+        """Rows of the cached keys/values (None if no layer has heads)."""
+        return next((c.kv.size(0) for c in self.layers if c is not None), None)
+
+    @property
+    def length(self) -> int | None:
+        """Memory positions cached (None if no layer has heads)."""
+        return next((c.kv.size(1) for c in self.layers if c is not None), None)
 
 
 def _uniform_(t: Tensor, bound: float) -> None:
@@ -57,7 +85,64 @@ def _keyword_signature() -> inspect.Signature:
     return inspect.Signature(params, return_annotation=None)
 
 
-class MemoryTransformerLM(nn.Module):
+def draw_next_token(
+    softmax: AdaptiveSoftmax, h: Tensor, temperature: float, top_k: int | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """The next token of each row of the last hidden states ``h`` [B, d] -> long [B], computing as little of the
+    adaptive softmax as gives exactly the result of the full distribution.
+
+    log p(w) = log p_head(cluster) + log p_tail(w | cluster) <= log p_head(cluster), so a tail cluster whose head
+    log-probability is below what the shortlist already offers cannot hold the answer and is skipped:
+      - greedy (``temperature`` 0): the argmax of the full distribution (ties to the lower id, as ``argmax``);
+        tails are computed only for the rows whose cluster log-probability beats their best word so far;
+      - ``top_k``: the k most likely words of the full distribution (a tail is computed only when its cluster
+        log-probability beats the current k-th candidate), then one drawn from softmax(log p / temperature);
+      - temperature 1, no top-k: the head's cluster first, then a word within that tail only, which is the
+        full distribution by the chain rule;
+      - any other temperature without top-k: p^(1/t) does not factor over clusters, so the full distribution is
+        computed and drawn from.
+    """
+    head = softmax._head_log_probs(h)  # (B, c1 + n_tails), fp32
+    c1, bounds = softmax.bounds[1], softmax.bounds
+    tails = range(1, softmax.n_clusters)
+    if temperature == 0:
+        best, ids = head[:, :c1].max(-1)  # (B,), (B,)
+        for i in tails:
+            cluster_lp = head[:, c1 + i - 1]  # (B,)
+            rows = (cluster_lp > best).nonzero().squeeze(1)
+            if rows.numel():
+                tail_best, tail_ids = (cluster_lp[rows, None] + softmax._tail_log_probs(h[rows], i)).max(-1)
+                better = tail_best > best[rows]
+                best[rows] = torch.where(better, tail_best, best[rows])
+                ids[rows] = torch.where(better, tail_ids + bounds[i], ids[rows])
+        return ids
+    if top_k is not None and top_k < bounds[-1]:
+        values, ids = head[:, :c1].topk(min(top_k, c1), dim=-1)  # (B, k') candidates, best first
+        for i in tails:
+            cluster_lp = head[:, c1 + i - 1 : c1 + i]  # (B, 1)
+            floor = values[:, -1:] if values.size(1) == top_k else torch.full_like(cluster_lp, float("-inf"))
+            if bool((cluster_lp > floor).any()):
+                tail = cluster_lp + softmax._tail_log_probs(h, i)  # (B, n_i)
+                tail_ids = torch.arange(bounds[i], bounds[i + 1], device=h.device).expand_as(tail)
+                values, pick = torch.cat([values, tail], -1).topk(min(top_k, values.size(1) + tail.size(1)), -1)
+                ids = torch.cat([ids, tail_ids], -1).gather(-1, pick)
+        choice = torch.multinomial((values / temperature).softmax(-1), 1, generator=generator)  # (B, 1)
+        return ids.gather(-1, choice).squeeze(1)
+    if temperature == 1:
+        first = torch.multinomial(head.exp(), 1, generator=generator).squeeze(1)  # (B,) word or cluster
+        ids = first.clone()
+        for i in tails:
+            rows = (first == c1 + i - 1).nonzero().squeeze(1)
+            if rows.numel():
+                tail = softmax._tail_log_probs(h[rows], i).exp()  # (n, n_i)
+                ids[rows] = torch.multinomial(tail, 1, generator=generator).squeeze(1) + bounds[i]
+        return ids
+    log_probs = softmax.log_probs(h)  # (B, V)
+    return torch.multinomial((log_probs / temperature).softmax(-1), 1, generator=generator).squeeze(1)
+
+
+class MemoryTransformerLM(nn.Module, PretrainedMixin):
     """Language model over segments of T tokens with a recurrence memory of mem_len positions per layer.
 
     Built from keyword settings, the fields of :class:`ModelConfig` (which documents each one), e.g.
@@ -67,6 +152,10 @@ class MemoryTransformerLM(nn.Module):
     Pruning API (see docs/design.md#the-pruning-api): ``gates_enabled``, ``l0_penalty``, ``expected_open_heads``,
     ``head_keep_mask``, ``prune_heads``, ``heads_per_layer``, ``head_ids``. Gates are off after construction:
     the model is then the dense baseline, bit for bit.
+
+    Export (docs/export.md): ``save_pretrained(dir)``, ``from_pretrained(dir or repo id)`` and ``push_to_hub`` in
+    huggingface_hub's conventions (``config.json`` with the head layout, ``model.safetensors``), see
+    :class:`~lightning_modules.model.export.PretrainedMixin`.
     """
 
     def __init__(self, **settings: Any) -> None:
@@ -165,8 +254,18 @@ class MemoryTransformerLM(nn.Module):
         shape = (batch_size, self.mem_len, self.d_model)
         return [torch.zeros(shape, device=device or p.device, dtype=p.dtype) for _ in range(self.n_layers + 1)]
 
+    @torch.no_grad()
+    def init_cache(self, memory: list[Tensor]) -> InferenceCache:
+        """The :class:`InferenceCache` of ``memory`` (n_layers + 1 tensors [B, M, d]): each layer's memory
+        projected once through LN and W_k, W_v, and W_r applied to the position table once."""
+        self._check_memory(memory, memory[0].size(0))
+        pos_table = self.drop_emb(self.pos_table)  # (max_len, d); dropout is off in eval
+        return InferenceCache(tuple(layer.new_cache(mem, pos_table, self.mem_len)
+                                    for layer, mem in zip(self.layers, memory[:-1], strict=True)))
+
     def forward(
-        self, input_ids: Tensor, target_ids: Tensor | None = None, memory: list[Tensor] | None = None
+        self, input_ids: Tensor, target_ids: Tensor | None = None, memory: list[Tensor] | None = None,
+        cache: InferenceCache | None = None, use_cache: bool = False,
     ) -> LMOutput:
         """Run one segment.
 
@@ -175,34 +274,65 @@ class MemoryTransformerLM(nn.Module):
             target_ids: [B, T] next-token ids (-100 = not scored), or None for the full distribution.
             memory: n_layers + 1 tensors [B, M, d] from the previous segment's output, or None for zeros of
                 length mem_len.
+            cache: the previous segment's ``LMOutput.cache`` (it must describe ``memory``): the memory's keys and
+                values come from it instead of being re-projected. No-grad evaluation only (eval mode, gradients
+                off); the result equals the uncached one to float rounding.
+            use_cache: build the cache from ``memory`` when ``cache`` is None, and return the next one.
         Returns:
-            LMOutput with `nll` [B, T] (targets given) or `log_probs` [B, T, V], and the next `memory`.
+            LMOutput with `nll` [B, T] (targets given) or `log_probs` [B, T, V], the next `memory`, and the next
+            `cache` when one was used.
         """
+        if target_ids is not None and target_ids.shape != input_ids.shape:
+            raise ValueError(f"target_ids shape {tuple(target_ids.shape)} must equal input_ids shape "
+                             f"{tuple(input_ids.shape)}")
+        h, new_memory, new_cache = self._hidden(input_ids, memory, cache, use_cache)
+        if target_ids is None:
+            return LMOutput(memory=new_memory, log_probs=self.softmax.log_probs(h), cache=new_cache)  # (B, T, V)
+        return LMOutput(memory=new_memory, nll=self.softmax.nll(h, target_ids), cache=new_cache)  # (B, T)
+
+    def _hidden(
+        self, input_ids: Tensor, memory: list[Tensor] | None, cache: InferenceCache | None, use_cache: bool
+    ) -> tuple[Tensor, list[Tensor], InferenceCache | None]:
+        """Embedding and layers of one segment: the last hidden state [B, T, d] (after output dropout), the next
+        memory and the next cache (None without one). See `forward`."""
         B, T = input_ids.shape
         if memory is None:
             memory = self.init_memory(B, input_ids.device)
         self._check_memory(memory, B)
-        if target_ids is not None and target_ids.shape != input_ids.shape:
-            raise ValueError(f"target_ids shape {tuple(target_ids.shape)} must equal input_ids shape {(B, T)}")
         n_ctx = memory[0].size(1) + T  # S
         if n_ctx > self.max_len:
             raise ValueError(
                 f"memory length {memory[0].size(1)} + segment length {T} = {n_ctx} exceeds max_len={self.max_len} "
                 "rows of the position table; use shorter segments/memory or build the model with a larger max_len"
             )
+        if cache is not None or use_cache:
+            if self.training or torch.is_grad_enabled():
+                raise ValueError("the inference cache is for no-grad evaluation: call model.eval() and run under "
+                                 "torch.no_grad() (training re-projects the memory, whose keys take gradients)")
+            if cache is None:
+                cache = self.init_cache(memory)
+            elif len(cache.layers) != self.n_layers or cache.batch_size not in (None, B) or cache.length not in (
+                    None, memory[0].size(1)):
+                raise ValueError(f"the cache (batch {cache.batch_size}, {cache.length} positions, "
+                                 f"{len(cache.layers)} layers) does not describe this memory (batch {B}, "
+                                 f"{memory[0].size(1)} positions, {self.n_layers} layers)")
 
         h = self.drop_emb(self.embedding(input_ids)) * math.sqrt(self.d_model)  # (B, T, d)
-        pos_emb = self.drop_emb(self.pos_table[-n_ctx:])  # (S, d), distances S-1 .. 0
+        blocked = blocked_mask(T, n_ctx - T, self.config.same_length, h.device)  # (T, S), one for every layer
         hiddens = [h]
-        for layer, mem in zip(self.layers, memory[:-1], strict=True):
-            h = layer(h, mem, pos_emb, head_scale=self._head_scale(layer))  # (B, T, d)
-            hiddens.append(h)
-        new_memory = self._update_memory(memory, hiddens)
-
-        h = self.drop_out(h)
-        if target_ids is None:
-            return LMOutput(memory=new_memory, log_probs=self.softmax.log_probs(h))  # (B, T, V)
-        return LMOutput(memory=new_memory, nll=self.softmax.nll(h, target_ids))  # (B, T)
+        if cache is None:
+            pos_emb = self.drop_emb(self.pos_table[-n_ctx:])  # (S, d), distances S-1 .. 0
+            for layer, mem in zip(self.layers, memory[:-1], strict=True):
+                h = layer(h, mem, pos_emb, blocked, head_scale=self._head_scale(layer))  # (B, T, d)
+                hiddens.append(h)
+        else:
+            entries = []
+            for layer, entry in zip(self.layers, cache.layers, strict=True):
+                h, entry = layer.forward_cached(h, entry, blocked, head_scale=self._head_scale(layer))  # (B, T, d)
+                hiddens.append(h)
+                entries.append(entry)
+            cache = InferenceCache(tuple(entries))
+        return self.drop_out(h), self._update_memory(memory, hiddens), cache
 
     def _check_memory(self, memory: list[Tensor], batch_size: int) -> None:
         """Raise a ValueError unless memory holds n_layers + 1 tensors [B, M, d] with one common M."""
@@ -236,35 +366,33 @@ class MemoryTransformerLM(nn.Module):
         temperature: float = 1.0,
         top_k: int | None = None,
         generator: torch.Generator | None = None,
+        use_cache: bool = True,
     ) -> Tensor:
         """Continue each row of `prompt_ids` [B, P] by `max_new_tokens` tokens -> [B, max_new_tokens].
 
-        The prompt is read in segments of tgt_len, then one token at a time, all through the recurrence memory.
-        `temperature` 0 picks the most likely token; otherwise tokens are sampled from the (top-k) distribution.
+        The prompt is read in segments of tgt_len, then one token at a time, all through the recurrence memory and,
+        with `use_cache` (the default), the :class:`InferenceCache`: a step then costs O(d² + (S+N)·d) per layer
+        instead of re-projecting the memory and the position table. Call it in eval mode for deterministic output.
+        `temperature` 0 picks the most likely token; otherwise tokens are sampled (from the `top_k` most likely
+        when given), with `generator` if given. The next token is drawn from the adaptive softmax without the full
+        vocabulary's distribution wherever the result is exactly the same (see `draw_next_token`): greedy,
+        top-k and temperature 1 are exact; another temperature without top-k computes the full distribution.
+        Greedy tokens are those of stepping ``model(ids[:, -1:], memory=memory)`` and taking the argmax.
         """
         if prompt_ids.dim() != 2 or prompt_ids.size(1) == 0:
             raise ValueError(f"prompt_ids must be [batch, length >= 1]; got {tuple(prompt_ids.shape)}")
         if max_new_tokens < 0 or temperature < 0 or (top_k is not None and top_k < 1):
             raise ValueError(f"need max_new_tokens >= 0, temperature >= 0, top_k >= 1 or None; got "
                              f"{max_new_tokens}, {temperature}, {top_k}")
-        memory = None
+        memory, cache = None, None
         for start in range(0, prompt_ids.size(1), self.tgt_len):
-            out = self(prompt_ids[:, start : start + self.tgt_len], memory=memory)
-            memory = out.memory
+            h, memory, cache = self._hidden(prompt_ids[:, start : start + self.tgt_len], memory, cache, use_cache)
         new_tokens = []
-        for _ in range(max_new_tokens):
-            log_probs = out.log_probs[:, -1]  # (B, V)
-            if temperature == 0:
-                next_ids = log_probs.argmax(-1)  # (B,)
-            else:
-                logits = log_probs / temperature
-                if top_k is not None and top_k < logits.size(-1):
-                    kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (B, 1)
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                next_ids = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)  # (B,)
+        for step in range(max_new_tokens):
+            next_ids = draw_next_token(self.softmax, h[:, -1], temperature, top_k, generator)  # (B,)
             new_tokens.append(next_ids)
-            out = self(next_ids[:, None], memory=memory)
-            memory = out.memory
+            if step + 1 < max_new_tokens:
+                h, memory, cache = self._hidden(next_ids[:, None], memory, cache, use_cache)  # (B, 1, d)
         return torch.stack(new_tokens, 1) if new_tokens else prompt_ids.new_zeros(prompt_ids.size(0), 0)
 
     # ------------------------------------------------------------------------------------ introspection
@@ -445,7 +573,9 @@ class MemoryTransformerLM(nn.Module):
         (N = 0 there). The adaptive softmax: `softmax_head` (shortlist + cluster logits, always paid),
         `softmax_tails` (per tail cluster) and `softmax_full` (all clusters, as for full log-probs).
         `total` = layers + softmax_full. Embedding lookups, LayerNorms and W_r·P (once per forward, not per
-        token) are not counted.
+        token) are not counted. The layer figures are what the cached path (``InferenceCache``: no-grad
+        evaluation, generation) pays per token; the re-projecting path also projects the memory rows again
+        (see ``RelativeMultiHeadAttention.macs_per_token``).
         """
         S = self.mem_len + self.tgt_len
         per_layer = [layer.macs_per_token(S) for layer in self.layers]

@@ -15,8 +15,10 @@ from pytorch_lightning.cli import OptimizerCallable
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import SumMetric
 
+from lightning_modules.errors import MissingFileError, UsageError
 from lightning_modules.model import MemoryTransformerLM
 from lightning_modules.model.adaptive import IGNORE_INDEX
+from lightning_modules.model.transformer_lm import InferenceCache
 from lightning_modules.training.checkpoint_layout import (
     CHECKPOINT_KEY,
     apply_layout,
@@ -27,6 +29,7 @@ from lightning_modules.training.checkpoint_layout import (
     recorded_config,
 )
 from lightning_modules.training.optim import warmup_cosine_factor
+from lightning_modules.training.throughput import batch_tokens
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +56,8 @@ class LanguageModel(pl.LightningModule):
         max_new_tokens: Tokens that ``predict`` generates after each prompt.
         temperature: Sampling temperature of ``predict``; 0 takes the most likely token.
         top_k: Sample only among the ``top_k`` most likely tokens (``None``: all).
-        gate_lr_factor: Learning rate of the head gates (``log_alpha``) relative to the others (docs/method.md §4.3: 10);
-            gates also get no weight decay.
+        gate_lr_factor: Learning rate of the head gates (``log_alpha``) relative to the others
+            (docs/method.md §4.3: 10); gates also get no weight decay.
         init_from: A checkpoint whose model weights start this run (e.g. the dense baseline a pruning run
             starts from). Its gates are not loaded: they start at this model's ``gate_init`` (docs/method.md §4.3). A
             ``--ckpt_path`` resume restores its own weights over these (Lightning loads the resume checkpoint
@@ -97,12 +100,14 @@ class LanguageModel(pl.LightningModule):
         self.lr_schedule, self.warmup_steps = lr_schedule, warmup_steps
         self.decay_steps, self.min_lr_ratio = decay_steps, min_lr_ratio
         self._memory: dict[str, list[torch.Tensor] | None] = {"train": None, "val": None, "test": None}
+        # evaluation also carries the memory's projected keys/values, so a batch projects only its own tokens
+        self._cache: dict[str, InferenceCache | None] = {"val": None, "test": None}
         # NaN must propagate: a diverged batch may not vanish from the perplexity while its tokens still count
         self.nll_sum = torch.nn.ModuleDict({s: SumMetric(nan_strategy="disable") for s in ("val", "test")})
         self.token_count = torch.nn.ModuleDict({s: SumMetric(nan_strategy="disable") for s in ("val", "test")})
         for metric in (*self.nll_sum.values(), *self.token_count.values()):
             metric.set_dtype(torch.float64)
-        self._last_batch_end: float | None = None
+        self._batch_tokens = 0  # input tokens of the batch in flight, for flops_per_batch
         self._test_started = time.perf_counter()
         self.max_new_tokens, self.temperature, self.top_k = max_new_tokens, temperature, top_k
         if gate_lr_factor <= 0:
@@ -122,7 +127,12 @@ class LanguageModel(pl.LightningModule):
     def _scored_nll(self, batch: tuple[torch.Tensor, torch.Tensor], stage: Stage) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed NLL and number of scored tokens of one batch, advancing the stage's memory."""
         input_ids, target_ids = batch
-        out = self.model(input_ids, target_ids=target_ids, memory=self._memory[stage])
+        if stage == "train" or self.model.training or torch.is_grad_enabled():
+            out = self.model(input_ids, target_ids=target_ids, memory=self._memory[stage])
+        else:  # no-grad evaluation: the memory's keys/values come from the cache (docs/performance.md#generation)
+            out = self.model(input_ids, target_ids=target_ids, memory=self._memory[stage], cache=self._cache[stage],
+                             use_cache=True)
+            self._cache[stage] = out.cache
         self._memory[stage] = out.memory
         return out.nll.sum(), (target_ids != IGNORE_INDEX).sum()  # nll is 0 at unscored targets
 
@@ -155,16 +165,24 @@ class LanguageModel(pl.LightningModule):
         self.log("train/skipped_steps", float(self.skipped_steps))
         return True
 
-    def on_train_epoch_end(self) -> None:
-        self._last_batch_end = None
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._batch_tokens = batch_tokens(batch)  # from the shape, so no wait for the device
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        # int() waits for the device, so the interval between two batch ends is the real step time on a GPU too
-        tokens = int((batch[1] != IGNORE_INDEX).sum()) * self.trainer.world_size
-        now = time.perf_counter()
-        if self._last_batch_end is not None:
-            self.log("train/tokens_per_s", tokens / max(now - self._last_batch_end, 1e-9))
-        self._last_batch_end = now
+    def on_validation_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._batch_tokens = batch_tokens(batch)
+
+    def on_test_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._batch_tokens = batch_tokens(batch)
+
+    @property
+    def flops_per_batch(self) -> int | None:
+        """FLOPs of the batch in flight, read by Lightning's ThroughputMonitor (``TokenThroughput``): 2 x MACs
+        per token (at the model's current head layout) x input tokens, x3 in training (forward and backward);
+        None in predict, where generation runs a forward per new token."""
+        if self._trainer is not None and self.trainer.predicting:
+            return None
+        passes = 3 if self.training else 1
+        return 2 * passes * int(self.model.macs_per_token()["total"]) * self._batch_tokens
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._accumulate(batch, "val")
@@ -186,13 +204,16 @@ class LanguageModel(pl.LightningModule):
         self.nll_sum[stage].reset()
         self.token_count[stage].reset()
 
-    def predict_step(self, prompt_ids: torch.Tensor, batch_idx: int) -> dict[str, str]:
-        """Continues one prompt; decodes it with the datamodule's vocabulary and prints it."""
+    def predict_step(self, prompt_ids: torch.Tensor, batch_idx: int) -> dict[str, str | float]:
+        """Continues one prompt through the inference cache (``MemoryTransformerLM.generate``); decodes it with the
+        datamodule's vocabulary and prints it with the generation speed."""
+        started = time.perf_counter()
         generated = self.model.generate(prompt_ids, self.max_new_tokens, self.temperature, self.top_k)
+        tokens_per_s = generated.numel() / max(time.perf_counter() - started, 1e-9)  # prompt reading included
         vocab = self.trainer.datamodule.vocab
         result = {"prompt": vocab.decode(prompt_ids[0, 1:].tolist()),  # [0] is the end-of-line id before it
-                  "continuation": vocab.decode(generated[0].tolist())}
-        self.print(f"{result['prompt']} >>> {result['continuation']}")
+                  "continuation": vocab.decode(generated[0].tolist()), "tokens_per_s": round(tokens_per_s, 1)}
+        self.print(f"{result['prompt']} >>> {result['continuation']}  ({result['tokens_per_s']} tokens/s)")
         return result
 
     def on_train_epoch_start(self) -> None:
@@ -200,9 +221,11 @@ class LanguageModel(pl.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self._memory["val"] = None
+        self._cache["val"] = None
 
     def on_test_epoch_start(self) -> None:
         self._memory["test"] = None
+        self._cache["test"] = None
         self._test_started = time.perf_counter()
 
     def on_validation_epoch_end(self) -> None:
@@ -230,8 +253,8 @@ class LanguageModel(pl.LightningModule):
             try:
                 loaded = load_dense_weights(self.model, self.init_from)
             except FileNotFoundError as error:
-                raise FileNotFoundError(f"{error}. It is model.init_from, the baseline this run starts from; when "
-                                        "resuming with --ckpt_path, pass --model.init_from=null") from error
+                raise MissingFileError(f"{error}. It is model.init_from, the baseline this run starts from; when "
+                                       "resuming with --ckpt_path, pass --model.init_from=null") from error
             log.info("initialised %d weight tensors from %s; gates start at log_alpha=%s", loaded, self.init_from,
                      self.model.config.gate_init)
 
@@ -249,15 +272,19 @@ class LanguageModel(pl.LightningModule):
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: str | Path, map_location: Any = None, **kwargs: Any):
-        """Lightning's ``load_from_checkpoint``; without a ``model`` argument the model is rebuilt from the
-        configuration the checkpoint records (and shrunk to its head layout)."""
+        """Lightning's ``load_from_checkpoint``, always with ``weights_only=True`` (a crafted file is refused with
+        a one-line :class:`UsageError` and runs nothing); without a ``model`` argument the model is rebuilt from
+        the configuration the checkpoint records (and shrunk to its head layout)."""
+        if kwargs.pop("weights_only", None) is False:
+            raise UsageError("LanguageModel.load_from_checkpoint loads checkpoints with weights_only=True only")
+        checkpoint = read_checkpoint(checkpoint_path)  # its one-line errors (missing, unsafe, truncated) first
         if "model" not in kwargs:
-            record = read_checkpoint(checkpoint_path).get(CHECKPOINT_KEY)
+            record = checkpoint.get(CHECKPOINT_KEY)
             if record is None:
-                raise ValueError(f"{checkpoint_path} has no headprune model record; pass model=MemoryTransformerLM(...)"
-                                 " built with the configuration it was trained with")
+                raise UsageError(f"{checkpoint_path} has no headprune model record; pass model=MemoryTransformerLM("
+                                 "...) built with the configuration it was trained with")
             kwargs["model"] = MemoryTransformerLM.from_config(recorded_config(record, str(checkpoint_path)))
-        return super().load_from_checkpoint(checkpoint_path, map_location=map_location, **kwargs)
+        return super().load_from_checkpoint(checkpoint_path, map_location=map_location, weights_only=True, **kwargs)
 
     def on_fit_start(self) -> None:
         if self.logger is not None:

@@ -1,0 +1,159 @@
+"""Inference with the cached memory keys/values (``InferenceCache``): generation and whole-model evaluation speed.
+
+Sections (each timed in interleaved rounds in this one process, medians of ``--repeats``):
+  - ``generation``: greedy tokens/s of ``MemoryTransformerLM.generate`` on W1 (All-attention; 4 layers, d 256, 8
+    heads x 32, N 1024, memory 64) at batch 1 and 8, dense and with half of every layer's heads removed, three ways:
+    ``cached`` (the default), ``reprojecting`` (``use_cache=False``: every step re-projects the memory and the
+    position table) and ``forward_steps`` (stepping ``model(ids[:, -1:], memory=memory)`` and taking the argmax
+    of the full log-probabilities). Figures: ``generate_tokens_per_s`` per case, ``generate_cache_speedup`` (cached
+    over forward_steps, batch 1: target >= 4) and ``generate_pruned_speedup`` (50% removed over dense, cached:
+    target >= 1.5);
+  - ``paper``: the same at the paper's layer shapes (16 layers, d 512, 8 heads x 64, N 2048, memory 192, tiny
+    vocabulary), batch 1, a few tokens, cached vs reprojecting, dense vs 50% removed;
+  - ``eval``: whole-model eval tokens/s on W1 (batch 8, segment 64 + memory 64, targets given) with and without the
+    cache (``eval_cache_speedup``, target >= 1.15), and the 50%-pruned speed-up with the cache against the
+    MAC-accounting ideal (``pruned_eval_speedup_cached``, target >= 0.95 of it; ``macs_per_token`` counts what the
+    cached path pays: no memory re-projection).
+
+    python -m experiments.benchmarks.generation [--repeats 7] [--threads 2] [--tokens 32] [--sections ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from experiments.benchmarks.reporting import emit
+from experiments.benchmarks.throughput import with_targets
+from experiments.benchmarks.timing import interleaved_medians
+from experiments.benchmarks.workloads import PAPER_SHAPES, W1, W1_BATCH, W1_NAME, build, local_wikitext2, token_batch
+from lightning_modules.model import MemoryTransformerLM
+from lightning_modules.training.cpu_allocator import ALLOCATOR_MODES, configure_cpu_allocator
+
+MODES = ("cached", "reprojecting", "forward_steps")
+
+
+def forward_steps(model: MemoryTransformerLM, prompt: torch.Tensor, n: int) -> torch.Tensor:
+    """Greedy continuation by stepping ``model(ids[:, -1:], memory=memory)`` over the full distribution."""
+    with torch.no_grad():
+        out = model(prompt)
+        tokens = []
+        for _ in range(n):
+            tokens.append(out.log_probs[:, -1].argmax(-1))
+            out = model(tokens[-1][:, None], memory=out.memory)
+    return torch.stack(tokens, 1)
+
+
+def generator_fns(model: MemoryTransformerLM, prompt: torch.Tensor, n: int, modes=MODES) -> dict[str, Callable]:
+    """One callable per mode that generates ``n`` greedy tokens after ``prompt`` [B, 1]."""
+    fns = {"cached": lambda: model.generate(prompt, n, temperature=0),
+           "reprojecting": lambda: model.generate(prompt, n, temperature=0, use_cache=False),
+           "forward_steps": lambda: forward_steps(model, prompt, n)}
+    return {m: fns[m] for m in modes}
+
+
+def generation(args: argparse.Namespace, extra: dict) -> None:
+    """W1 generation tokens/s: batch 1 and 8, dense and 50% removed, cached / reprojecting / forward steps."""
+    models = {r: build("all_attention", r).eval() for r in (0.0, 0.5)}
+    prompts = {b: torch.randint(0, W1["vocab_size"], (b, 1), generator=torch.Generator().manual_seed(0))
+               for b in (1, W1_BATCH)}
+    fns = {}
+    for r, model in models.items():
+        for b, prompt in prompts.items():
+            fns |= {(r, b, m): fn for m, fn in generator_fns(model, prompt, args.tokens).items()}
+    for (r, b, _), fn in fns.items():  # the contract, checked on the timed workload itself
+        if b == 1 and not torch.equal(fn(), fns[(r, b, "forward_steps")]()):
+            raise SystemExit(f"greedy tokens differ from forward steps at heads_removed={r}")
+    t = interleaved_medians(fns, args.repeats)
+    for (r, b, m), seconds in t.items():
+        emit(W1_NAME, "generate_tokens_per_s", round(b * args.tokens / seconds, 1), "tokens/s", mode=m, batch=b,
+             heads_removed=r, ms_per_step=round(1e3 * seconds / args.tokens, 3), **extra)
+    for b in prompts:
+        emit(W1_NAME, "generate_cache_speedup", round(t[(0.0, b, "forward_steps")] / t[(0.0, b, "cached")], 2), "x",
+             batch=b, over="forward_steps", **({"target": 4.0} if b == 1 else {}), **extra)
+        emit(W1_NAME, "generate_cache_speedup", round(t[(0.0, b, "reprojecting")] / t[(0.0, b, "cached")], 2), "x",
+             batch=b, over="reprojecting", **extra)
+        for m in ("cached", "reprojecting"):
+            emit(W1_NAME, "generate_pruned_speedup", round(t[(0.0, b, m)] / t[(0.5, b, m)], 2), "x", batch=b,
+                 mode=m, heads_removed=0.5, **({"target": 1.5} if m == "cached" else {}), **extra)
+
+
+def paper(args: argparse.Namespace, extra: dict) -> None:
+    """Generation at the paper's layer shapes (16 layers), batch 1, a few tokens: cached vs reprojecting."""
+    n = max(2, args.tokens // 4)
+    models = {r: build("all_attention", r, shapes=PAPER_SHAPES, n_layers=16).eval() for r in (0.0, 0.5)}
+    prompt = torch.zeros(1, 1, dtype=torch.long)
+    fns = {(r, m): fn for r, model in models.items()
+           for m, fn in generator_fns(model, prompt, n, ("cached", "reprojecting")).items()}
+    t = interleaved_medians(fns, max(3, args.repeats // 2), warmup=1)
+    for (r, m), seconds in t.items():
+        emit("paper-16L", "generate_tokens_per_s", round(n / seconds, 1), "tokens/s", mode=m, batch=1,
+             heads_removed=r, ms_per_step=round(1e3 * seconds / n, 2), **extra)
+    emit("paper-16L", "generate_cache_speedup", round(t[(0.0, "reprojecting")] / t[(0.0, "cached")], 2), "x",
+         batch=1, over="reprojecting", **extra)
+    emit("paper-16L", "generate_pruned_speedup", round(t[(0.0, "cached")] / t[(0.5, "cached")], 2), "x", batch=1,
+         mode="cached", heads_removed=0.5, **extra)
+
+
+def evaluation(args: argparse.Namespace, extra: dict) -> None:
+    """Whole-model eval tokens/s on W1 with and without the cache, dense and 50% removed."""
+    x, y, source = token_batch(args.data)
+    T = W1["tgt_len"]
+    runs: dict[str, Callable] = {}
+    macs = {}
+    for r in (0.0, 0.5):
+        model = build("all_attention", r).eval()
+        with torch.no_grad():
+            first = model(x[:, :T], y[:, :T], use_cache=True)  # fills memory and cache
+
+        def plain(model=model, first=first) -> None:
+            with torch.no_grad():
+                model(x[:, T:], y[:, T:], memory=first.memory)
+
+        def cached(model=model, first=first) -> None:
+            with torch.no_grad():
+                model(x[:, T:], y[:, T:], memory=first.memory, cache=first.cache)
+
+        runs |= {f"{r}/reprojecting": plain, f"{r}/cached": cached}
+        macs[r] = with_targets(model.macs_per_token())
+    t = interleaved_medians(runs, args.repeats)
+    tokens = x.size(0) * T
+    for name, seconds in t.items():
+        r, mode = name.split("/")
+        emit(W1_NAME, "eval_tokens_per_s", round(tokens / seconds), "tokens/s", mode=mode, heads_removed=float(r),
+             ms=round(1e3 * seconds, 2), tokens_source=source, **extra)
+    emit(W1_NAME, "eval_cache_speedup", round(t["0.0/reprojecting"] / t["0.0/cached"], 3), "x", target=1.15,
+         **extra)
+    ideal = macs[0.0] / macs[0.5]
+    speedup = t["0.0/cached"] / t["0.5/cached"]
+    emit(W1_NAME, "pruned_eval_speedup_cached", round(speedup, 3), "x", ideal=round(ideal, 3),
+         fraction_of_ideal=round(speedup / ideal, 3), target="0.95 of ideal", heads_removed=0.5, **extra)
+
+
+SECTIONS = {"generation": generation, "paper": paper, "eval": evaluation}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=7, help="timed rounds per section (medians)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (W1: 2)")
+    parser.add_argument("--tokens", type=int, default=32, help="tokens generated per timed call (W1)")
+    parser.add_argument("--data", type=Path, default=local_wikitext2(), help="WikiText-2 folder for the eval tokens")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, of {list(SECTIONS)}")
+    parser.add_argument("--cpu-allocator", choices=ALLOCATOR_MODES, default="retain",
+                        help="glibc allocator setting, as `headprune --cpu_allocator`")
+    args = parser.parse_args()
+    configure_cpu_allocator(args.cpu_allocator)
+    torch.set_num_threads(args.threads)
+    extra = {"threads": torch.get_num_threads(), "cpu_allocator": args.cpu_allocator}
+    for name in args.sections.split(","):
+        if name not in SECTIONS:
+            raise SystemExit(f"unknown section {name!r}; choose from {list(SECTIONS)}")
+        SECTIONS[name](args, extra)
+
+
+if __name__ == "__main__":
+    main()
