@@ -19,6 +19,7 @@ from pytorch_lightning.trainer.states import TrainerFn
 from callbacks.head_map import head_map_image, head_map_rows
 from callbacks.preemption import Preemption
 from callbacks.schedules import linear_ramp
+from lightning_modules.errors import UsageError
 from lightning_modules.model import MemoryTransformerLM
 from lightning_modules.model.slicing import slice_optimizer_state_
 
@@ -317,7 +318,7 @@ def remove_heads(trainer: pl.Trainer, pl_module: pl.LightningModule, model: Memo
         return heads
     left = sum(model.heads_per_layer) - sum(len(h) for h in heads.values())
     if left == 0:
-        raise RuntimeError(f"at step {trainer.global_step} {cause} every remaining head of the model, which would "
+        raise UsageError(f"at step {trainer.global_step} {cause} every remaining head of the model, which would "
                            f"leave no attention at all; nothing was removed or saved. {advice}")
     before = model.heads_per_layer
     slices = model.prune_heads(heads)

@@ -8,8 +8,8 @@ For each architecture (equal layer-part parameters: N persistent vectors per hea
 2. **Dense baselines**: one per seed, ``dense_steps`` steps at that rate, validated every ``val_every`` steps.
 3. **Pruning**: from the end of dense seed ``s``, ``prune_steps`` more steps with each method (``gates``,
    ``random``, ``importance``) to each target; the targets in ``seeded_targets`` for every seed, the others for
-   the first seed. Every method gets the same steps, learning rate (``prune_lr_ratio`` x the dense rate,
-   constant) and data.
+   the first seed. Every method gets the same steps, learning rate and data: a constant ``prune_lr_ratio`` x the
+   dense peak rate, which is where the dense cosine schedule ended, so pruning does not undo its annealing.
 
 Every model is tested on the whole test split; then the report (results.csv, report.md, plots) is written. A
 run whose results are complete (its ``done.json`` marker) is skipped, so an interrupted comparison continues
@@ -17,9 +17,12 @@ where it stopped; an incomplete run folder is cleared and the run starts again. 
 only the first stages (the baselines can train while the rest is prepared). With ``--results`` the CSV, plots,
 report and the exact command and hardware are copied there as well.
 
-Scales (``--scale``): ``wt2-cpu``, 2-layer WikiText-2 models (d 128, 4 heads), trained to a plateau, 3 seeds,
-in about 100 minutes on 2 CPU cores; ``wt103-gpu``, the paper's 16-layer WikiText-103 recipes, one seed, for a
-GPU node (pass ``--trainer.devices=8`` etc.).
+Scales (``--scale``): ``wt2-cpu``, 2-layer WikiText-2 models (d 128, 4 heads), 3 seeds, about 75 minutes of
+runs on 2 CPU cores (results and caveats: experiments/results/wt2-cpu/README.md); ``wt103-gpu``, the paper's
+16-layer WikiText-103 recipes, one seed, the recipes' learning rates, for a GPU node (pass ``--trainer.devices=8``
+etc.):
+
+    WIKITEXT_DIR=DIR python -m experiments.compare --scale wt103-gpu --results experiments/results/wt103-gpu
 
     WIKITEXT_DIR=DIR python -m experiments.compare --scale wt2-cpu --results experiments/results/wt2-cpu --no-wandb
 """
@@ -27,6 +30,7 @@ GPU node (pass ``--trainer.devices=8`` etc.).
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import shlex
@@ -67,7 +71,7 @@ class Scale:
     seeded_targets: tuple[float, ...] = ()
     lrs: tuple[float, ...] = ()
     sweep_steps: int = 0
-    prune_lr_ratio: float = 0.3
+    prune_lr_ratio: float = 0.1  # the dense recipes' min_lr_ratio: fine-tuning goes on at their final rate
     score_batches: int = 50
     args: list[str] = field(default_factory=list)
 
@@ -76,7 +80,7 @@ SCALES = {
     "wt2-cpu": Scale(
         dense={t: EXP / "wt2" / f"{t}_2l.yaml" for t in LAYER_TYPES},
         prune={t: EXP / "wt2" / "all_attention_2l_prune.yaml" for t in LAYER_TYPES},  # layer_type overridden
-        dense_steps=4000, prune_steps=800, val_every=400, seeds=(0, 1, 2), seeded_targets=(0.43,),
+        dense_steps=3000, prune_steps=300, val_every=300, seeds=(0, 1, 2), seeded_targets=(0.43,),
         lrs=(0.001, 0.002, 0.004), sweep_steps=1200, args=["--trainer.limit_val_batches=100"]),
     "wt103-gpu": Scale(
         dense={t: EXP / "wt103" / f"{t}_16l.yaml" for t in LAYER_TYPES},
@@ -100,6 +104,7 @@ def once(folder: Path, work: Callable[[], dict]) -> dict:
         shutil.rmtree(folder)
     started = time.perf_counter()
     record = work() | {"seconds": round(time.perf_counter() - started, 1)}
+    folder.mkdir(parents=True, exist_ok=True)
     (folder / DONE).write_text(json.dumps(record, indent=1))
     return record
 
@@ -131,7 +136,27 @@ def sweep_learning_rates(scale: Scale, out: Path, layer_type: str, args: list[st
         scores[lr] = once(folder, partial(sweep_run, scale, folder, layer_type, lr, args, group, use_wandb))["val_ppl"]
     best = min(scores, key=scores.get)
     print(f"[compare] {layer_type}: validation ppl by learning rate {scores}; chosen {best:g}", flush=True)
+    write_sweep_table(out)
     return best
+
+
+def write_sweep_table(out: Path) -> None:
+    """``lr_sweep.csv`` in ``out``: every completed sweep point (layer type, lr, steps, validation ppl) and
+    whether it is its layer type's choice."""
+    rows = []
+    for marker in sorted((out / "lr-sweep").glob(f"*/{DONE}")):
+        record = json.loads(marker.read_text())
+        meta = json.loads((marker.parent / report.RUN_FILE).read_text())
+        rows.append({"layer_type": meta["layer_type"], "lr": record["lr"], "steps": record["steps"],
+                     "val_ppl": round(record["val_ppl"], 2)})
+    best = {}
+    for row in rows:
+        if row["layer_type"] not in best or row["val_ppl"] < best[row["layer_type"]]["val_ppl"]:
+            best[row["layer_type"]] = row
+    with (out / "lr_sweep.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["layer_type", "lr", "steps", "val_ppl", "chosen"])
+        writer.writeheader()
+        writer.writerows(row | {"chosen": row is best[row["layer_type"]]} for row in rows)
 
 
 def lr_args(lr: float | None) -> list[str]:
@@ -168,16 +193,17 @@ def prune_targets(scale: Scale, seed: int) -> tuple[float, ...]:
 
 def run_comparison(scale: Scale, out: Path, extra_args: list[str], use_wandb: bool = True,
                    layer_types: tuple[str, ...] = LAYER_TYPES,
-                   stages: tuple[str, ...] = STAGES) -> list[report.RunResult]:
-    """Run ``stages`` of ``scale`` under ``out``, skipping completed runs; returns the report's runs (empty
-    unless the prune stage ran)."""
+                   stages: tuple[str, ...] = STAGES, seeds: tuple[int, ...] | None = None) -> list[report.RunResult]:
+    """Run ``stages`` of ``scale`` under ``out`` for ``seeds`` (default: all of the scale's), skipping completed
+    runs; returns the report's runs (empty unless the prune stage ran). When only some layer types or seeds ran
+    (other processes may hold the rest), the report covers the runs tested so far."""
     args = [*scale.args, *extra_args]
     group = f"compare-{out.name}"
     for layer_type in layer_types:
         lr = sweep_learning_rates(scale, out, layer_type, args, group, use_wandb)
         if "dense" not in stages:
             continue
-        for seed in scale.seeds:
+        for seed in (s for s in scale.seeds if seeds is None or s in seeds):
             dense_dir = out / f"{layer_type}-dense-s{seed}"
             once(dense_dir, partial(dense_run, scale, dense_dir, layer_type, seed, lr, args, group, use_wandb))
             if "prune" not in stages:
@@ -188,17 +214,27 @@ def run_comparison(scale: Scale, out: Path, extra_args: list[str], use_wandb: bo
                     folder = out / f"{layer_type}-{method}-{round(100 * target)}-s{seed}"
                     once(folder, partial(pruned_run, scale, folder, layer_type, start, method, target, seed, lr, args,
                                          group, use_wandb))
-    return report.generate(out) if "prune" in stages else []
+    subset = seeds is not None or set(layer_types) != set(LAYER_TYPES)
+    return report.generate(out, tested_only=subset) if "prune" in stages else []
+
+
+def run_minutes(out: Path) -> float:
+    """Minutes the completed runs under ``out`` took, summed from their markers (interrupted and resumed
+    invocations included)."""
+    return sum(json.loads(marker.read_text()).get("seconds", 0.0) for marker in out.glob(f"**/{DONE}")) / 60
 
 
 def publish(out: Path, results: Path, command: str, minutes: float) -> None:
-    """Copy the report, CSVs and plots to ``results`` with the command, date and hardware that produced them."""
+    """Copy the report, CSVs and plots to ``results`` with the command, date, hardware and the minutes of its
+    runs (and of this invocation)."""
     from experiments.benchmarks.reporting import hardware
 
     results.mkdir(parents=True, exist_ok=True)
     for path in [out / "report.md", *out.glob("*.csv"), *out.glob("*.png")]:
         shutil.copy2(path, results / path.name)
-    (results / "command.txt").write_text(f"{command}\n# {date.today()}, {hardware()}, {minutes:.0f} min\n")
+    (results / "command.txt").write_text(
+        f"{command}\n# {date.today()}, {hardware()}, {run_minutes(out):.0f} min of runs in all "
+        f"({minutes:.0f} min in this invocation)\n")
 
 
 def main() -> None:
@@ -212,6 +248,8 @@ def main() -> None:
     parser.add_argument("--stages", default=",".join(STAGES),
                         help=f"comma-separated stages to run, a prefix of {','.join(STAGES)}")
     parser.add_argument("--layer-types", default=",".join(LAYER_TYPES), help="comma-separated architectures")
+    parser.add_argument("--seeds", default=None, help="comma-separated seeds of the scale to run (default: all; "
+                        "a subset shares the runs among processes; its report covers the runs tested so far)")
     parser.add_argument("--no-wandb", action="store_true", help="CSV logs only")
     args, extra = parser.parse_known_args()
     stages = tuple(args.stages.split(","))
@@ -221,12 +259,14 @@ def main() -> None:
     data = [f"--data.data_dir={args.data_dir}"] if args.data_dir else []
     started = time.perf_counter()
     runs = run_comparison(SCALES[args.scale], out, [*data, *extra], use_wandb=not args.no_wandb,
-                          layer_types=tuple(args.layer_types.split(",")), stages=stages)
+                          layer_types=tuple(args.layer_types.split(",")), stages=stages,
+                          seeds=tuple(int(s) for s in args.seeds.split(",")) if args.seeds else None)
     minutes = (time.perf_counter() - started) / 60
     if runs:
         print("\n" + report.markdown_table(runs))
         if args.results:
-            command = "python -m experiments.compare " + shlex.join(sys.argv[1:])
+            data_env = "WIKITEXT_DIR=<WikiText folder> " if os.environ.get("WIKITEXT_DIR") else ""
+            command = f"{data_env}python -m experiments.compare " + shlex.join(sys.argv[1:])
             publish(out, args.results, command, minutes)
     print(f"\n{minutes:.1f} min; runs under {out}", flush=True)
 

@@ -42,6 +42,7 @@ def test_fit_then_test_from_the_cli(wikitext2_dir: Path, wt2_cache_dir: Path, tm
     assert math.isfinite(test_ppl) and 1 < test_ppl < 2 * 33278
 
 
+@pytest.mark.slow
 def test_two_process_ddp_fit_on_cpu_aggregates_every_rank_once(wikitext2_dir: Path, wt2_cache_dir: Path,
                                                                  tmp_path: Path):
     """Real `ddp` (separate processes, gloo), launched through the installed console script like a user would."""

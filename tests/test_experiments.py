@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 from pathlib import Path
 
 import pytest
 import yaml
 
 from experiments import report
-from experiments.compare import SCALES, Scale, run_comparison
+from experiments.compare import SCALES, is_done, once, prune_targets, run_comparison
 from experiments.demo import run_pipeline
 from experiments.sweep import expand_command, grid, run_sweep
 from lightning_modules.cli import run
@@ -51,6 +52,7 @@ def test_every_swept_parameter_is_a_valid_cli_override(sweep_file: Path, capsys)
             assert node == value, f"{name} did not reach the config"
 
 
+@pytest.mark.slow
 def test_local_sweep_runner_runs_a_grid_offline_and_the_report_reads_it(tmp_path, wikitext2_dir, wt2_cache_dir,
                                                                         monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -77,6 +79,7 @@ def test_local_sweep_runner_runs_a_grid_offline_and_the_report_reads_it(tmp_path
     assert (tmp_path / "again" / "ppl_vs_params.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_demo_pipeline_at_tiny_scale(tmp_path, wikitext2_dir, wt2_cache_dir, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     runs = run_pipeline(tmp_path / "demo", str(wikitext2_dir), target=0.5, dense_steps=30, prune_from_step=15,
@@ -93,20 +96,71 @@ def test_demo_pipeline_at_tiny_scale(tmp_path, wikitext2_dir, wt2_cache_dir, mon
         assert (tmp_path / "demo" / name).stat().st_size > 0
 
 
-def test_comparison_at_tiny_scale_prunes_both_architectures(tmp_path, wikitext2_dir, wt2_cache_dir, monkeypatch):
+def test_a_completed_run_is_skipped_and_an_unfinished_one_starts_again(tmp_path):
+    calls = []
+
+    def work() -> dict:
+        calls.append(1)
+        (tmp_path / "run" / "checkpoint").mkdir(parents=True)
+        return {"value": 3}
+
+    assert once(tmp_path / "run", work)["value"] == 3 and is_done(tmp_path / "run")
+    assert once(tmp_path / "run", work)["value"] == 3 and len(calls) == 1, "done: skipped, its record read back"
+    (tmp_path / "cut" / "partial").mkdir(parents=True)  # a run cut short: no marker
+    once(tmp_path / "cut", lambda: {})
+    assert not (tmp_path / "cut" / "partial").exists() and is_done(tmp_path / "cut")
+
+
+def test_every_seed_prunes_the_seeded_targets_and_the_first_seed_all_of_them():
+    scale = SCALES["wt2-cpu"]
+    assert scale.seeds == (0, 1, 2) and set(scale.targets) >= {0.25, 0.43, 0.6}
+    assert prune_targets(scale, 0) == scale.targets
+    assert prune_targets(scale, 1) == prune_targets(scale, 2) == (0.43,)
+
+
+def test_comparison_at_tiny_scale_runs_every_method_and_seed_and_resumes(tmp_path, wikitext2_dir, wt2_cache_dir,
+                                                                         monkeypatch, capsys):
     monkeypatch.setenv("WANDB_MODE", "offline")
     cpu = SCALES["wt2-cpu"]
-    tiny = Scale(dense=cpu.dense, prune=cpu.prune, dense_steps=20, prune_from_step=10, prune_steps=20,
-                 targets=(0.5,), args=["--trainer.limit_val_batches=2"])
-    runs = run_comparison(tiny, tmp_path / "cmp", [*TINY, f"--data.data_dir={wikitext2_dir}",
-                                                   f"--data.cache_dir={wt2_cache_dir}", "--model.gate_lr_factor=300"],
-                          use_wandb=False)
+    tiny = dataclasses.replace(cpu, dense_steps=12, prune_steps=6, val_every=6, targets=(0.25, 0.5), seeds=(0, 1),
+                               seeded_targets=(0.5,), lrs=(0.001, 0.003), sweep_steps=4, score_batches=2,
+                               args=["--trainer.limit_val_batches=2"])
+    args = [*TINY, f"--data.data_dir={wikitext2_dir}", f"--data.cache_dir={wt2_cache_dir}",
+            "--model.gate_lr_factor=300"]
+    out = tmp_path / "cmp"
+    runs = run_comparison(tiny, out, args, use_wandb=False, layer_types=("all_attention",), stages=("sweep", "dense"))
+    assert runs == [] and sorted(p.name for p in out.iterdir()) == [
+        "all_attention-dense-s0", "all_attention-dense-s1", "lr-sweep", "lr_sweep.csv"]
+    with (out / "lr_sweep.csv").open() as f:
+        sweep = list(csv.DictReader(f))
+    assert [row["lr"] for row in sweep] == ["0.001", "0.003"] and [row["chosen"] for row in sweep].count("True") == 1
+    dense_marker = (out / "all_attention-dense-s0" / "done.json").stat().st_mtime_ns
+    # an interrupted pruning run: its folder exists without a done marker, and is redone from scratch
+    (out / "all_attention-random-50-s1" / "stale").mkdir(parents=True)
+    capsys.readouterr()
+    runs = run_comparison(tiny, out, args, use_wandb=False, layer_types=("all_attention",))
+    assert "all_attention-dense-s0: done, skipped" in capsys.readouterr().out
+    assert (out / "all_attention-dense-s0" / "done.json").stat().st_mtime_ns == dense_marker, "not run again"
+    assert not (out / "all_attention-random-50-s1" / "stale").exists()
+
     by_name = {r.name: r for r in runs}
-    assert set(by_name) == {"all_attention-dense", "all_attention-pruned-50", "transformer_xl-dense",
-                            "transformer_xl-pruned-50"}
-    assert by_name["all_attention-pruned-50"].heads == by_name["transformer_xl-pruned-50"].heads == 4
-    aa_cut = 1 - (by_name["all_attention-pruned-50"].params_non_embedding
-                  / by_name["all_attention-dense"].params_non_embedding)
-    txl_cut = 1 - (by_name["transformer_xl-pruned-50"].params_non_embedding
-                   / by_name["transformer_xl-dense"].params_non_embedding)
-    assert aa_cut == pytest.approx(0.5, abs=0.01) and txl_cut < aa_cut, "All-attention shrinks with its heads"
+    pruned = {f"all_attention-{m}-{t}-s0" for m in ("gates", "random", "importance") for t in (25, 50)}
+    pruned |= {f"all_attention-{m}-50-s1" for m in ("gates", "random", "importance")}
+    assert set(by_name) == {"all_attention-dense-s0", "all_attention-dense-s1"} | pruned
+    for name in pruned:
+        r = by_name[name]
+        assert r.heads == (6 if r.target_sparsity == 0.25 else 4), name
+        assert r.steps == 18 and r.method in name and f"-s{r.seed}" in name
+    with (out / "results.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert {"name", "layer_type", "method", "target_sparsity", "seed", "steps", "test_ppl", "params_non_embedding",
+            "heads_per_layer"} <= set(rows[0])
+    assert {row["method"] for row in rows} == {"dense", "gates", "random", "importance"}
+    text = (out / "report.md").read_text()
+    assert "| all_attention | gates | 50% | 2 |" in text, "the 50% point is summarised over both seeds"
+    for name in ("ppl_vs_params.png", "learning_curves.png", "head_map_all_attention-gates-50-s0.png"):
+        assert (out / name).stat().st_size > 0
+
+    # everything is done: a third call trains nothing and reports the same
+    again = run_comparison(tiny, out, args, use_wandb=False, layer_types=("all_attention",))
+    assert [(r.name, r.test_ppl) for r in again] == [(r.name, r.test_ppl) for r in runs]

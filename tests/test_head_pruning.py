@@ -16,6 +16,7 @@ import wandb
 import yaml
 
 from lightning_modules.cli import run
+from lightning_modules.errors import UsageError
 from lightning_modules.training.language_model import LanguageModel
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,11 +121,12 @@ def test_a_checkpoint_saved_after_a_removal_resumes_with_its_layout_and_state(wi
 def test_closing_every_head_of_the_model_stops_with_a_clear_error(wikitext2_dir, wt2_cache_dir, tmp_path):
     args = prune_args(wikitext2_dir, wt2_cache_dir, tmp_path, l0_coefficient=50.0, warmup_steps=0,
                       prune_after_step=0, prune_every_n_steps=2)
-    with pytest.raises(RuntimeError, match="shut every remaining head"):
+    with pytest.raises(UsageError, match="shut every remaining head"):
         run(["fit", *args, "--model.model.init_args.gate_init=0.01"])
     assert not list(tmp_path.rglob("pruned.ckpt"))
 
 
+@pytest.mark.slow
 def test_two_process_ddp_removes_the_same_heads_on_every_rank_mid_run(wikitext2_dir, wt2_cache_dir, tmp_path):
     script = Path(sys.executable).parent / "headprune"
     if not script.exists():

@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightning_modules.model import LAYER_TYPES, MemoryTransformerLM
-from lightning_modules.model.transformer_lm import InferenceCache, draw_next_token
+from lightning_modules.model.transformer_lm import InferenceCache
 from lightning_modules.training.language_model import LanguageModel
 
 V = 300
@@ -135,16 +135,16 @@ def test_adaptive_softmax_draws_equal_the_full_distribution():
     h = torch.randn(64, 32, dtype=torch.double) * 3
     full = model.softmax.log_probs(h[:, None])[:, 0]  # (64, V)
     with torch.no_grad():
-        assert torch.equal(draw_next_token(model.softmax, h, 0.0), full.argmax(-1))
+        assert torch.equal(model.softmax.draw(h, 0.0), full.argmax(-1))
         # top-k: only the k most likely words of the full distribution are ever drawn; top-1 is greedy
-        assert torch.equal(draw_next_token(model.softmax, h, 1.0, 1), full.argmax(-1))
+        assert torch.equal(model.softmax.draw(h, 1.0, 1), full.argmax(-1))
         top = full.topk(3, -1).indices
-        drawn = torch.stack([draw_next_token(model.softmax, h, 2.0, 3, torch.Generator().manual_seed(s))
+        drawn = torch.stack([model.softmax.draw(h, 2.0, 3, torch.Generator().manual_seed(s))
                              for s in range(20)], 1)  # (64, 20)
         assert (drawn[..., None] == top[:, None]).any(-1).all()
         # temperature 1: cluster then word has the full distribution's frequencies
         i = int(full[:, model.softmax.bounds[1] :].exp().sum(-1).argmax())  # the row most likely to reach a tail
-        words = draw_next_token(model.softmax, h[i : i + 1].expand(40000, -1), 1.0, None,
+        words = model.softmax.draw(h[i : i + 1].expand(40000, -1), 1.0, None,
                                 torch.Generator().manual_seed(0))
     freq = torch.bincount(words, minlength=V).double() / words.numel()
     torch.testing.assert_close(freq, full[i].exp(), rtol=0, atol=0.01)

@@ -144,6 +144,60 @@ class AdaptiveSoftmax(nn.Module):
             parts.append(head[:, c1 + i - 1 : c1 + i] + self._tail_log_probs(flat_h, i))  # (n, n_i)
         return torch.cat(parts, dim=-1).view(*h.shape[:-1], self.bounds[-1])
 
+    def draw(self, h: Tensor, temperature: float, top_k: int | None = None,
+             generator: torch.Generator | None = None) -> Tensor:
+        """The next token of each row of the last hidden states ``h`` [B, d] -> long [B], computing as little of the
+        adaptive softmax as gives exactly the result of the full distribution.
+
+        log p(w) = log p_head(cluster) + log p_tail(w | cluster) <= log p_head(cluster), so a tail cluster whose head
+        log-probability is below what the shortlist already offers cannot hold the answer and is skipped:
+          - greedy (``temperature`` 0): the argmax of the full distribution (ties to the lower id, as ``argmax``);
+            tails are computed only for the rows whose cluster log-probability beats their best word so far;
+          - ``top_k``: the k most likely words of the full distribution (a tail is computed only when its cluster
+            log-probability beats the current k-th candidate), then one drawn from softmax(log p / temperature);
+          - temperature 1, no top-k: the head's cluster first, then a word within that tail only, which is the
+            full distribution by the chain rule;
+          - any other temperature without top-k: p^(1/t) does not factor over clusters, so the full distribution is
+            computed and drawn from.
+        """
+        head = self._head_log_probs(h)  # (B, c1 + n_tails), fp32
+        c1, bounds = self.bounds[1], self.bounds
+        tails = range(1, self.n_clusters)
+        if temperature == 0:
+            best, ids = head[:, :c1].max(-1)  # (B,), (B,)
+            for i in tails:
+                cluster_lp = head[:, c1 + i - 1]  # (B,)
+                rows = (cluster_lp > best).nonzero().squeeze(1)
+                if rows.numel():
+                    tail_best, tail_ids = (cluster_lp[rows, None] + self._tail_log_probs(h[rows], i)).max(-1)
+                    better = tail_best > best[rows]
+                    best[rows] = torch.where(better, tail_best, best[rows])
+                    ids[rows] = torch.where(better, tail_ids + bounds[i], ids[rows])
+            return ids
+        if top_k is not None and top_k < bounds[-1]:
+            values, ids = head[:, :c1].topk(min(top_k, c1), dim=-1)  # (B, k') candidates, best first
+            for i in tails:
+                cluster_lp = head[:, c1 + i - 1 : c1 + i]  # (B, 1)
+                floor = values[:, -1:] if values.size(1) == top_k else torch.full_like(cluster_lp, float("-inf"))
+                if bool((cluster_lp > floor).any()):
+                    tail = cluster_lp + self._tail_log_probs(h, i)  # (B, n_i)
+                    tail_ids = torch.arange(bounds[i], bounds[i + 1], device=h.device).expand_as(tail)
+                    values, pick = torch.cat([values, tail], -1).topk(min(top_k, values.size(1) + tail.size(1)), -1)
+                    ids = torch.cat([ids, tail_ids], -1).gather(-1, pick)
+            choice = torch.multinomial((values / temperature).softmax(-1), 1, generator=generator)  # (B, 1)
+            return ids.gather(-1, choice).squeeze(1)
+        if temperature == 1:
+            first = torch.multinomial(head.exp(), 1, generator=generator).squeeze(1)  # (B,) word or cluster
+            ids = first.clone()
+            for i in tails:
+                rows = (first == c1 + i - 1).nonzero().squeeze(1)
+                if rows.numel():
+                    tail = self._tail_log_probs(h[rows], i).exp()  # (n, n_i)
+                    ids[rows] = torch.multinomial(tail, 1, generator=generator).squeeze(1) + bounds[i]
+            return ids
+        log_probs = self.log_probs(h)  # (B, V)
+        return torch.multinomial((log_probs / temperature).softmax(-1), 1, generator=generator).squeeze(1)
+
     def forward(self, h: Tensor, targets: Tensor | None = None) -> Tensor:
         """nll(h, targets) [B, T] when targets are given, else log_probs(h) [B, T, V]."""
         return self.log_probs(h) if targets is None else self.nll(h, targets)
