@@ -43,8 +43,9 @@ lint: install
 demo: install
 	$(BIN)/python -m experiments.demo $(DEMO_ARGS)
 
-# the paper's comparison (All-attention vs Transformer-XL at 25/43/60% of heads removed); results are copied to
-# experiments/results/$(SCALE). SCALE=wt2-cpu (about half an hour on 2 cores) or SCALE=wt103-gpu (a GPU node)
+# the paper's comparison (All-attention vs Transformer-XL; gates, random and importance removal at 25/43/60% of the
+# heads; seeds), resumable; results are copied to experiments/results/$(SCALE). SCALE=wt2-cpu (about 75 minutes on
+# 2 cores) or SCALE=wt103-gpu (16 layers, a node of 8 GPUs)
 compare: install
 	$(BIN)/python -m experiments.compare --scale $(SCALE) --results experiments/results/$(SCALE)
 
