@@ -19,7 +19,7 @@ from lightning_modules.cli import run
 from lightning_modules.errors import UsageError
 from lightning_modules.training.language_model import LanguageModel
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PRUNE_RECIPE = REPO / "experiments" / "wt2" / "all_attention_small_prune.yaml"
 
 

@@ -23,11 +23,11 @@ from lightning_modules.model import MemoryTransformerLM
 from lightning_modules.training.checkpoint_io import AtomicCheckpointIO
 from lightning_modules.training.language_model import LanguageModel
 from tests.conftest import write_corpus
-from tests.test_cli import tiny_args
-from tests.test_head_pruning import prune_args
-from tests.test_language_model import batches, tiny_model
+from tests.cli.test_cli import tiny_args
+from tests.callbacks.test_head_pruning import prune_args
+from tests.training.test_language_model import batches, tiny_model
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_a_checkpoint_write_that_dies_midway_leaves_the_previous_file_whole(tmp_path, monkeypatch):

@@ -15,7 +15,7 @@ from experiments.demo import run_pipeline
 from experiments.sweep import expand_command, grid, run_sweep
 from lightning_modules.cli import run
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SWEEPS = sorted(REPO.glob("experiments/sweeps/*.yaml"))
 M = "--model.model.init_args."
 TINY = ["--data.batch_size=4", "--data.tgt_len=16", f"{M}n_layers=2", f"{M}d_model=32", f"{M}n_heads=4",

@@ -5,7 +5,7 @@ import torch
 
 from callbacks.head_map import REMOVED_RGB, SHUT_RGB, head_map_image, head_map_rows
 from lightning_modules.model.slicing import slice_optimizer_state_
-from tests.test_model import LAYER_TYPES, V, randomize_, small_model
+from tests.model.test_model import LAYER_TYPES, V, randomize_, small_model
 
 
 def gated_model(layer_type: str, output_scaling: bool, closed: dict[int, list[int]]):

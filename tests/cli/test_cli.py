@@ -11,7 +11,7 @@ import pytest
 
 from lightning_modules.cli import run
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "experiments" / "wt2" / "all_attention_small.yaml"
 
 

@@ -21,7 +21,7 @@ from lightning_modules.cli import run
 from lightning_modules.model import MemoryTransformerLM
 from lightning_modules.training.language_model import LanguageModel
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PRUNE_RECIPE = REPO / "experiments" / "wt2" / "all_attention_2l_prune.yaml"
 
 

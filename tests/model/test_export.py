@@ -18,7 +18,7 @@ from lightning_modules.model import MemoryTransformerLM
 from lightning_modules.training.language_model import LanguageModel
 
 VOCAB = 60
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def tiny_model(layer_type: str = "all_attention", **overrides) -> MemoryTransformerLM:

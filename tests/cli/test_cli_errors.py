@@ -20,7 +20,7 @@ from lightning_modules import cli
 from lightning_modules.model import MemoryTransformerLM
 from lightning_modules.training.language_model import LanguageModel
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "experiments" / "wt2" / "all_attention_small.yaml"
 SCRIPT = Path(sys.executable).parent / "headprune"
 M = "--model.model.init_args."

@@ -42,7 +42,7 @@ def test_bad_callback_arguments_are_rejected(kwargs, message):
 
 def test_spawned_ddp_is_rejected_with_the_fix_in_the_message():
     from lightning_modules.training.language_model import LanguageModel
-    from tests.test_language_model import tiny_model
+    from tests.training.test_language_model import tiny_model
 
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False)
     with pytest.raises(ValueError, match=r"--trainer.strategy=ddp"):

@@ -22,7 +22,7 @@ from lightning_modules.model.transformer_lm import InferenceCache
 from lightning_modules.training.language_model import LanguageModel
 
 V = 300
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def small_model(**overrides) -> MemoryTransformerLM:
@@ -209,7 +209,7 @@ DDP_SCRIPT = textwrap.dedent("""
     import pytorch_lightning as pl
     import torch
     from torch.utils.data import DataLoader
-    from tests.test_inference_cache import Segments, small_model
+    from tests.model.test_inference_cache import Segments, small_model
     from lightning_modules.training.language_model import LanguageModel
 
     class Reprojecting(LanguageModel):
