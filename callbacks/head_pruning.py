@@ -233,7 +233,8 @@ class HeadPruning(Callback):
         """In target mode a mid-run removal never takes more heads than the final target allows: the most
         clearly shut heads (lowest log_alpha) go first."""
         budget = self._heads_left_to_remove(model)
-        ranked = sorted((float(model.layers[i].gate.log_alpha[h]), i, h) for i, heads in shut.items() for h in heads)
+        ranked = sorted((float(model.layers[i].gate.log_alpha[h].detach()), i, h)
+                        for i, heads in shut.items() for h in heads)
         allowed: dict[int, list[int]] = {}
         for _, i, h in ranked[: max(budget, 0)]:
             allowed.setdefault(i, []).append(h)
@@ -250,7 +251,7 @@ class HeadPruning(Callback):
         log_alpha) shut, the others open. Logs how many decisions this changed."""
         present = sum(model.heads_per_layer)
         to_remove = min(max(self._heads_left_to_remove(model), 0), present - 1)  # never every head
-        ranked = sorted((float(layer.gate.log_alpha[h]), i, h) for i, layer in enumerate(model.layers)
+        ranked = sorted((float(layer.gate.log_alpha[h].detach()), i, h) for i, layer in enumerate(model.layers)
                         for h in range(layer.n_heads))
         keep = model.head_keep_mask()
         changed = 0

@@ -22,9 +22,9 @@ from lightning_modules.cli import run as run_cli
 from lightning_modules.model import MemoryTransformerLM
 from lightning_modules.training.checkpoint_io import AtomicCheckpointIO
 from lightning_modules.training.language_model import LanguageModel
-from tests.conftest import write_corpus
-from tests.cli.test_cli import tiny_args
 from tests.callbacks.test_head_pruning import prune_args
+from tests.cli.test_cli import tiny_args
+from tests.conftest import write_corpus
 from tests.training.test_language_model import batches, tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
