@@ -83,6 +83,7 @@ def test_predict_continues_prompts_with_the_vocabulary(wikitext2_dir: Path, wt2_
     assert all(p["continuation"].strip() for p in predictions)
 
 
+@pytest.mark.slow
 def test_console_script_exits_zero_on_success():
     script = Path(sys.executable).parent / "headprune"
     if not script.exists():

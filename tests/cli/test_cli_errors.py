@@ -88,6 +88,7 @@ def test_a_crafted_checkpoint_runs_nothing_and_is_one_line(tmp_path):
     assert not (tmp_path / "ran").exists()
 
 
+@pytest.mark.slow
 def test_an_unreadable_config_file_is_one_line_and_debug_shows_the_traceback(tmp_path):
     root = tmp_path / "run"
     done = headprune(["fit", f"--config={tmp_path / 'nope.yaml'}"], root)

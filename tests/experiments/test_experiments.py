@@ -118,6 +118,7 @@ def test_every_seed_prunes_the_seeded_targets_and_the_first_seed_all_of_them():
     assert prune_targets(scale, 1) == prune_targets(scale, 2) == (0.43,)
 
 
+@pytest.mark.slow
 def test_comparison_at_tiny_scale_runs_every_method_and_seed_and_resumes(tmp_path, wikitext2_dir, wt2_cache_dir,
                                                                          monkeypatch, capsys):
     monkeypatch.setenv("WANDB_MODE", "offline")

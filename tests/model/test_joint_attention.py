@@ -154,6 +154,7 @@ def test_joint_path_under_bfloat16_autocast_stays_close_to_float32():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
+@pytest.mark.slow
 def test_compiled_layers_match_eager_and_recompile_after_a_head_removal(monkeypatch):
     torch.manual_seed(0)
     eager = MemoryTransformerLM(vocab_size=60, n_layers=2, d_model=16, n_heads=4, d_head=4, n_persistent=8,
