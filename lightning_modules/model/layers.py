@@ -18,9 +18,12 @@ from lightning_modules.model.slicing import ParameterSlice, slice_parameter_
 
 
 class GatedHeadsMixin:
-    """Head gate and physical head removal shared by both layer types (``self.attn`` and ``self.gate``)."""
+    """The attention sublayer, head gate and physical head removal shared by both layer types (``self.attn_norm``,
+    ``self.attn``, ``self.drop`` and ``self.gate``)."""
 
+    attn_norm: nn.LayerNorm
     attn: RelativeMultiHeadAttention
+    drop: nn.Dropout
     gate: HardConcreteGate
 
     @property
@@ -40,6 +43,15 @@ class GatedHeadsMixin:
         if self.attn.n_heads == 0:
             return None
         return self.attn.new_cache(self.attn_norm(mem), pos_table, mem_len)
+
+    def _attention(
+        self, h: Tensor, mem: Tensor | None, pos_emb: Tensor, blocked: Tensor | None, head_scale: Tensor | None
+    ) -> Tensor:
+        """h + Drop(Attn(LN(h), LN(mem))); h itself when no heads are left."""
+        if self.attn.n_heads == 0:
+            return h
+        m = None if mem is None else self.attn_norm(mem)
+        return h + self.drop(self.attn(self.attn_norm(h), m, pos_emb, blocked, head_scale=head_scale))
 
     def _cached_attention(
         self, h: Tensor, cache: LayerKVCache | None, blocked: Tensor, head_scale: Tensor | None
@@ -83,10 +95,7 @@ class AllAttentionLayer(GatedHeadsMixin, nn.Module):
         head_scale: Tensor | None = None,
     ) -> Tensor:
         """h [B, T, d], mem [B, M, d] or None, pos_emb [S, d], blocked [T, S] (None: built here) -> [B, T, d]."""
-        if self.attn.n_heads == 0:
-            return h
-        m = None if mem is None else self.attn_norm(mem)
-        return h + self.drop(self.attn(self.attn_norm(h), m, pos_emb, blocked, head_scale=head_scale))
+        return self._attention(h, mem, pos_emb, blocked, head_scale)
 
     def forward_cached(
         self, h: Tensor, cache: LayerKVCache | None, blocked: Tensor, head_scale: Tensor | None = None
@@ -143,9 +152,7 @@ class TransformerXLLayer(GatedHeadsMixin, nn.Module):
         head_scale: Tensor | None = None,
     ) -> Tensor:
         """h [B, T, d], mem [B, M, d] or None, pos_emb [S, d], blocked [T, S] (None: built here) -> [B, T, d]."""
-        if self.attn.n_heads > 0:
-            m = None if mem is None else self.attn_norm(mem)
-            h = h + self.drop(self.attn(self.attn_norm(h), m, pos_emb, blocked, head_scale=head_scale))
+        h = self._attention(h, mem, pos_emb, blocked, head_scale)
         return h + self.drop(self.ff(self.ff_norm(h)))
 
     def forward_cached(
