@@ -74,6 +74,12 @@ class HeadpruneCLI(LightningCLI):
             except UsageError as error:
                 raise type(error)(f"--model.init_from: {error}") from error
 
+    def _parse_ckpt_path(self) -> None:
+        """Keep the settings the command gives. LightningCLI would overwrite the module's settings with the
+        hyperparameters saved in ``--ckpt_path`` (so ``predict --model.temperature=0`` would sample at the
+        temperature saved in training). Here the config files and flags are the one source of the settings; the
+        checkpoint supplies the weights, and ``_check_checkpoint`` rejects one that does not fit the model."""
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         configure_cpu_allocator(config.get("cpu_allocator", "retain"))

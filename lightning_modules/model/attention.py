@@ -199,20 +199,20 @@ class RelativeMultiHeadAttention(nn.Module):
             raise ValueError(f"blocked is {tuple(blocked.shape)}, needs [T, S] = {[T, kv.size(1)]}")
         r = r.view(-1, H, D).transpose(0, 1)  # (H, S, D)
         impl = resolve_impl(self.impl, q.device)
-        if impl == "joint":
+        if T == 1 and impl != "reference":
+            o = self._attend_one_query(q, kv, r, persistent)  # (H, B, 1, D)
+            o = o.permute(1, 2, 0, 3)  # (B, 1, H, D)
+        elif impl == "joint":
             o = self._attend_joint(q, kv, r, blocked, persistent)  # (H, B, T, D)
-            if head_scale is not None:
-                o = o * head_scale.view(H, 1, 1, 1)
-            o = o.permute(1, 2, 0, 3).reshape(B, T, H * D)  # (B, T, H*D)
+            o = o.permute(1, 2, 0, 3)  # (B, T, H, D)
         else:
             q = rearrange(q, "b t (h d) -> b h t d", h=H)
             k, v = rearrange(kv, "b s (two h d) -> two b h s d", two=2, h=H)  # (B, H, S, D) each
             attend = self._attend_sdpa if impl == "sdpa" else self._attend_reference
-            o = attend(q, k, v, r, blocked)  # (B, H, T, D)
-            if head_scale is not None:
-                o = o * head_scale.view(H, 1, 1)
-            o = rearrange(o, "b h t d -> b t (h d)")
-        out = self.o_proj(o)  # (B, T, d)
+            o = attend(q, k, v, r, blocked).transpose(1, 2)  # (B, T, H, D)
+        if head_scale is not None:
+            o = o * head_scale.view(H, 1)
+        out = self.o_proj(o.reshape(B, T, H * D))  # (B, T, d)
         if head_scale is None:
             return out
         return out * head_scale.detach().ne(0).any().to(out.dtype)  # a 0-dim factor: no host sync
@@ -288,6 +288,32 @@ class RelativeMultiHeadAttention(nn.Module):
         dropout_p = self.dropatt if self.training else 0.0
         o = joint_attention(q_content, k, v, position, q.view(H, B * T, D), persistent_k, persistent_v, dropout_p)
         return o.view(H, B, T, D)
+
+    def _attend_one_query(self, q: Tensor, kv: Tensor, r: Tensor,
+                          persistent: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """The core for segments of one token (generation steps): the same function as `_attend_reference`,
+        written as a handful of batched matmuls. With T = 1 the mask keeps every key under both `same_length`
+        settings (the query sees its S - 1 memory positions and itself) and the relative shift is the identity
+        (key j takes position row j), so neither is applied; the fused kernels' tiling set-up, which dominates a
+        one-query step, is skipped. q [B, 1, H*D], kv [B, S, 2*H*D], r [H, S, D] -> [H, B, 1, D]."""
+        H, D = self.n_heads, self.d_head
+        B, S = kv.shape[:2]
+        dtype, scale = q.dtype, D**-0.5
+        q = q.view(B, H, D).transpose(0, 1)  # (H, B, D)
+        k, v = kv.view(B, S, 2, H, D).permute(2, 3, 0, 1, 4)  # (H, B, S, D) each, views
+        q_content = (q + as_dtype(self.content_bias, dtype)[:, None]) * scale  # (H, B, D): (q + u) / sqrt(D)
+        q_position = (q + as_dtype(self.position_bias, dtype)[:, None]) * scale  # (H, B, D): (q + v) / sqrt(D)
+        content = torch.matmul(q_content[:, :, None], k.mT)[:, :, 0]  # (H, B, S)
+        position = torch.bmm(q_position, as_dtype(r, dtype).mT)  # (H, B, S)
+        logits = [at_least_fp32(content + position)]
+        if self.n_persistent > 0:
+            persistent_k, persistent_v = self.persistent_slots(dtype) if persistent is None else persistent
+            logits.append(at_least_fp32(torch.bmm(q, persistent_k.mT)))  # (H, B, N): q·K_n
+        probs = F.dropout(torch.cat(logits, -1).softmax(-1), self.dropatt, self.training).to(dtype)  # (H, B, S+N)
+        o = torch.matmul(probs[:, :, None, :S], v)  # (H, B, 1, D)
+        if self.n_persistent > 0:
+            o = o + torch.bmm(probs[..., S:], persistent_v)[:, :, None]  # + p·sqrt(N)V
+        return o
 
     def persistent_slots(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """The persistent keys and values as the joint core takes them, [H, N, D] each: K as stored (the logit is

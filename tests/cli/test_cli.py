@@ -92,3 +92,20 @@ def test_console_script_exits_zero_on_success():
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "layer_type: all_attention" in done.stdout
+
+
+def test_predict_from_a_checkpoint_takes_its_settings_from_the_command_line(wikitext2_dir: Path, wt2_cache_dir: Path,
+                                                                         tmp_path: Path):
+    """Lightning's CLI would overwrite the module's settings with those saved in the checkpoint (a temperature of 1
+    from training); the command line must win, so greedy decoding stays greedy."""
+    args = tiny_args(wikitext2_dir, wt2_cache_dir, tmp_path)
+    run(["fit", *args, "--trainer.max_steps=2", "--trainer.val_check_interval=2"])
+    (checkpoint,) = sorted((tmp_path / "checkpoints").glob("*.ckpt"))[-1:]
+    prompts = "--data.predict_prompts=[\"The game was\"]"
+    continuations = []
+    for _ in range(2):
+        cli = run(["predict", *args, f"--ckpt_path={checkpoint}", prompts, "--model.max_new_tokens=8",
+                   "--model.temperature=0", "--model.top_k=3"])
+        assert (cli.model.temperature, cli.model.max_new_tokens, cli.model.top_k) == (0.0, 8, 3)
+        continuations.append(cli.trainer.predict_loop.predictions[0]["continuation"])
+    assert continuations[0] == continuations[1], "greedy decoding is deterministic"
