@@ -331,7 +331,7 @@ def generate(root: Path, out: Path | None = None, tested_only: bool = False) -> 
         if r.role == "pruned" and maps and r.seed == first_seed:  # one seed's maps: the layouts are in the table
             plot_head_map(maps[0], out / f"head_map_{r.name}.png", r.name)
             figures.append(f"head_map_{r.name}.png")
-    body = [f"# Results from {root}", "", "## Mean over seeds", "", markdown_summary(runs), "",
+    body = [f"# Results of the runs in {root.name}/", "", "## Mean over seeds", "", markdown_summary(runs), "",
             "## Pruning methods against the gates, paired by seed", "", markdown_method_differences(runs), "",
             "## Every run", "", markdown_table(runs), "",
             "test ppl: perplexity on the whole test split; MACs/token: the model's own accounting (layers + full "

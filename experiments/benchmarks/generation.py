@@ -55,6 +55,36 @@ def generator_fns(model: MemoryTransformerLM, prompt: torch.Tensor, n: int, mode
     return {m: fns[m] for m in modes}
 
 
+def cached_step_bytes(model: MemoryTransformerLM, batch: int) -> int:
+    """Bytes a cached greedy step must read at the least, at ``batch`` rows: per layer its weights as the cache
+    holds them (the fused [W_q; W_k; W_v], W_o, the persistent slots or FFN, norms, biases) and the cached
+    keys/values and position rows of its S = M + 1 keys; then the adaptive softmax's head (shortlist and cluster
+    weights, their projection). Tail clusters, embedding rows and activations are left out, so this is a lower
+    bound."""
+    with torch.no_grad():
+        cache = model.init_cache(model.init_memory(batch, torch.device("cpu")))
+    elements = 0
+    for layer, entry in zip(model.layers, cache.layers, strict=True):
+        if entry is None:
+            continue
+        elements += sum(p.numel() for name, p in layer.named_parameters() if "r_proj" not in name
+                        and "gate" not in name)  # the fused projection has as many weights as q/k/v_proj
+        elements += entry.kv.numel() + (entry.kv.size(1) + 1) * entry.r.size(1)
+    head = model.softmax
+    elements += head.out_weights[0].numel() + head.bounds[1]  # shortlist weights and biases
+    for module in (head.shortlist_proj, head.cluster):
+        elements += 0 if module is None else sum(p.numel() for p in module.parameters())
+    return 4 * elements  # fp32
+
+
+def read_bandwidth(repeats: int = 7, megabytes: int = 256) -> float:
+    """Bytes/s this process reads from memory at its thread count: the median time of summing a tensor far larger
+    than the caches."""
+    data = torch.ones(megabytes * 2**20 // 4)
+    seconds = interleaved_medians({"sum": data.sum}, repeats)["sum"]
+    return data.numel() * 4 / seconds
+
+
 def generation(args: argparse.Namespace, extra: dict) -> None:
     """W1 generation tokens/s: batch 1 and 8, dense and 50% removed, cached / reprojecting / forward steps."""
     models = {r: build("all_attention", r).eval() for r in (0.0, 0.5)}
@@ -71,6 +101,15 @@ def generation(args: argparse.Namespace, extra: dict) -> None:
     for (r, b, m), seconds in t.items():
         emit(W1_NAME, "generate_tokens_per_s", round(b * args.tokens / seconds, 1), "tokens/s", mode=m, batch=b,
              heads_removed=r, ms_per_step=round(1e3 * seconds / args.tokens, 3), **extra)
+    bandwidth = read_bandwidth()
+    emit(W1_NAME, "read_bandwidth", round(bandwidth / 1e9, 2), "GB/s", **extra)
+    for r, model in models.items():
+        step_bytes = cached_step_bytes(model, 1)
+        floor = step_bytes / bandwidth  # seconds: a cached step cannot read its weights faster than this
+        emit(W1_NAME, "cached_step_floor", round(1e3 * floor, 3), "ms", batch=1, heads_removed=r,
+             mb_read=round(step_bytes / 2**20, 2), **extra)
+        emit(W1_NAME, "cached_step_over_floor", round(t[(r, 1, "cached")] / args.tokens / floor, 2), "x", batch=1,
+             heads_removed=r, **extra)
     for b in prompts:
         emit(W1_NAME, "generate_cache_speedup", round(t[(0.0, b, "forward_steps")] / t[(0.0, b, "cached")], 2), "x",
              batch=b, over="forward_steps", **({"target": 4.0} if b == 1 else {}), **extra)

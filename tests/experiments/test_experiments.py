@@ -165,3 +165,18 @@ def test_comparison_at_tiny_scale_runs_every_method_and_seed_and_resumes(tmp_pat
     # everything is done: a third call trains nothing and reports the same
     again = run_comparison(tiny, out, args, use_wandb=False, layer_types=("all_attention",))
     assert [(r.name, r.test_ppl) for r in again] == [(r.name, r.test_ppl) for r in runs]
+
+
+@pytest.mark.slow
+def test_comparison_jobs_run_the_layer_types_in_parallel_processes(tmp_path, wikitext2_dir, wt2_cache_dir):
+    tiny = dataclasses.replace(SCALES["wt2-cpu"], lrs=(0.001, 0.003), sweep_steps=3,
+                               args=["--trainer.limit_val_batches=2"])
+    args = [*TINY, f"--data.data_dir={wikitext2_dir}", f"--data.cache_dir={wt2_cache_dir}"]
+    out = tmp_path / "cmp"
+    assert run_comparison(tiny, out, args, use_wandb=False, stages=("sweep",), jobs=2) == []
+    with (out / "lr_sweep.csv").open() as f:
+        sweep = list(csv.DictReader(f))
+    assert sorted((row["layer_type"], row["lr"]) for row in sweep) == [
+        (t, lr) for t in ("all_attention", "transformer_xl") for lr in ("0.001", "0.003")]
+    assert all(is_done(out / "lr-sweep" / f"{t}-lr{lr:g}") for t in ("all_attention", "transformer_xl")
+               for lr in tiny.lrs)
