@@ -13,6 +13,8 @@ export WIKITEXT_DIR
 DEMO_ARGS ?=
 RUNS ?= runs/demo
 SCALE ?= wt2-cpu
+# layer types trained at once by `make compare`: two single-threaded processes on the CPU scale, one on a GPU node
+JOBS ?= $(if $(filter wt2-cpu,$(SCALE)),2,1)
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.headprune-installed
 
@@ -44,10 +46,10 @@ demo: install
 	$(BIN)/python -m experiments.demo $(DEMO_ARGS)
 
 # the paper's comparison (All-attention vs Transformer-XL; gates, random and importance removal at 25/43/60% of the
-# heads; seeds), resumable; results are copied to experiments/results/$(SCALE). SCALE=wt2-cpu (about 75 minutes on
-# 2 cores) or SCALE=wt103-gpu (16 layers, a node of 8 GPUs)
+# heads; seeds), resumable; results are copied to experiments/results/$(SCALE). SCALE=wt2-cpu (2 CPU cores, the
+# time is in experiments/results/wt2-cpu/command.txt) or SCALE=wt103-gpu (16 layers, a node of 8 GPUs)
 compare: install
-	$(BIN)/python -m experiments.compare --scale $(SCALE) --results experiments/results/$(SCALE)
+	$(BIN)/python -m experiments.compare --scale $(SCALE) --jobs $(JOBS) --results experiments/results/$(SCALE)
 
 # regenerate the table and plots of every finished run under $(RUNS)
 report: install

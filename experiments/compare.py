@@ -5,7 +5,8 @@ For each architecture (equal layer-part parameters: N persistent vectors per hea
 
 1. **LR sweep**: a short dense run (``sweep_steps``) at each learning rate of ``lrs``; the lowest validation
    perplexity picks the architecture's learning rate (skipped when ``lrs`` is empty: the recipe's rate).
-2. **Dense baselines**: one per seed, ``dense_steps`` steps at that rate, validated every ``val_every`` steps.
+2. **Dense baselines**: one per seed, ``dense_steps`` steps at that rate, validated every ``val_every`` steps
+   (within each epoch, as Lightning counts) and once more at the end, so the learning curve ends at the final model.
 3. **Pruning**: from the end of dense seed ``s``, ``prune_steps`` more steps with each method (``gates``,
    ``random``, ``importance``) to each target; the targets in ``seeded_targets`` for every seed, the others for
    the first seed. Every method gets the same steps, learning rate and data: a constant ``prune_lr_ratio`` x the
@@ -17,14 +18,15 @@ where it stopped; an incomplete run folder is cleared and the run starts again. 
 only the first stages (the baselines can train while the rest is prepared). With ``--results`` the CSV, plots,
 report and the exact command and hardware are copied there as well.
 
-Scales (``--scale``): ``wt2-cpu``, 2-layer WikiText-2 models (d 128, 4 heads), 3 seeds, about 75 minutes of
-runs on 2 CPU cores (results and caveats: experiments/results/wt2-cpu/README.md); ``wt103-gpu``, the paper's
-16-layer WikiText-103 recipes, one seed, the recipes' learning rates, for a GPU node (pass ``--trainer.devices=8``
-etc.):
+Scales (``--scale``): ``wt2-cpu``, 2-layer WikiText-2 models (d 64, 4 heads of 16) trained for 7 epochs, 3 seeds,
+under two hours on 2 CPU cores with ``--jobs 2`` (results, time and caveats: experiments/results/wt2-cpu/README.md);
+``wt103-gpu``, the paper's 16-layer WikiText-103 recipes, one seed, the recipes' learning rates, for a GPU node
+(pass ``--trainer.devices=8`` etc.):
 
     WIKITEXT_DIR=DIR python -m experiments.compare --scale wt103-gpu --results experiments/results/wt103-gpu
 
-    WIKITEXT_DIR=DIR python -m experiments.compare --scale wt2-cpu --results experiments/results/wt2-cpu --no-wandb
+    WIKITEXT_DIR=DIR python -m experiments.compare --scale wt2-cpu --jobs 2 --results experiments/results/wt2-cpu \
+        --no-wandb
 """
 
 from __future__ import annotations
@@ -85,7 +87,7 @@ SCALES = {
         dense={t: EXP / "wt2" / f"{t}_2l.yaml" for t in LAYER_TYPES},
         prune={t: EXP / "wt2" / "all_attention_2l_prune.yaml" for t in LAYER_TYPES},  # layer_type overridden
         dense_steps=28000, prune_steps=800, val_every=2000, seeds=(0, 1, 2), seeded_targets=(0.43,),
-        lrs=(0.002, 0.004, 0.008), sweep_steps=2000, args=["--trainer.limit_val_batches=100"]),
+        lrs=(0.002, 0.004, 0.008, 0.016), sweep_steps=2000, args=["--trainer.limit_val_batches=100"]),
     "wt103-gpu": Scale(
         dense={t: EXP / "wt103" / f"{t}_16l.yaml" for t in LAYER_TYPES},
         prune={t: EXP / "wt103" / f"{t}_16l_prune.yaml" for t in LAYER_TYPES},
@@ -178,6 +180,14 @@ def dense_run(scale: Scale, folder: Path, layer_type: str, seed: int, lr: float 
     return {"seed": seed, "lr": lr}
 
 
+def final_validation(scale: Scale, dense_dir: Path, layer_type: str, args: list[str]) -> dict:
+    """Validation of a dense baseline's final model (``validate/`` in its folder): the last point of its learning
+    curve, wherever the fit's own validations fell within the epochs."""
+    evaluate_into(dense_dir, scale.dense[layer_type], dense_dir / "checkpoints" / "last.ckpt", args, "validate")
+    (metrics,) = (dense_dir / "validate").glob("logs/version_*/metrics.csv")
+    return {"step": scale.dense_steps, "val_ppl": report.last_metrics(metrics)["val/ppl"]}
+
+
 def pruned_run(scale: Scale, folder: Path, layer_type: str, start: Path, method: str, target: float, seed: int,
                lr: float | None, args: list[str], group: str, use_wandb: bool) -> dict:
     """One pruning run from dense checkpoint ``start``: ``prune_steps`` steps with ``method``, then its test."""
@@ -225,6 +235,7 @@ def run_comparison(scale: Scale, out: Path, extra_args: list[str], use_wandb: bo
         for seed in (s for s in scale.seeds if seeds is None or s in seeds):
             dense_dir = out / f"{layer_type}-dense-s{seed}"
             once(dense_dir, partial(dense_run, scale, dense_dir, layer_type, seed, lr, args, group, use_wandb))
+            once(dense_dir / "validate", partial(final_validation, scale, dense_dir, layer_type, args))
             if "prune" not in stages:
                 continue
             start = dense_dir / "checkpoints" / "last.ckpt"

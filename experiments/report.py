@@ -225,13 +225,18 @@ def plot_perplexity_vs_parameters(runs: list[RunResult], path: Path) -> None:
 
 
 def validation_curve(folder: Path) -> list[tuple[int, float]]:
-    """(step, val/ppl) of every validation the run's fit logged (its CSV log outside ``test/``)."""
+    """(step, val/ppl) of every validation the run's fit logged (its CSV log outside ``test/`` and ``validate/``),
+    and, when ``validate/`` holds one, the validation of its final model, placed at the run's last step."""
     points = []
     for path in sorted(folder.glob("**/metrics.csv")):
-        if (folder / "test") in path.parents:
+        if (folder / "test") in path.parents or (folder / "validate") in path.parents:
             continue
         with path.open() as f:
             points += [(int(row["step"]), float(row["val/ppl"])) for row in csv.DictReader(f) if row.get("val/ppl")]
+    final = sorted((folder / "validate").glob("**/metrics.csv"))
+    if final and (folder / RUN_FILE).is_file():
+        steps = json.loads((folder / RUN_FILE).read_text())["steps"]
+        points = [p for p in points if p[0] < steps] + [(steps, last_metrics(final[-1])["val/ppl"])]
     return sorted(points)
 
 

@@ -51,17 +51,19 @@ def final_checkpoint(folder: Path) -> Path:
     raise FileNotFoundError(f"no pruned.ckpt or last.ckpt under {folder}: did the run finish?")
 
 
-def evaluation_overlay(folder: Path) -> Path:
-    """The config layered over a recipe to test a run's model: no callbacks, CSV logs in ``folder/test`` (where
-    the report reads them)."""
-    return write_overlay(folder / "test", {"trainer": {
+def evaluation_overlay(folder: Path, subcommand: str = "test") -> Path:
+    """The config layered over a recipe to evaluate a run's model: no callbacks, CSV logs in ``folder/<subcommand>``
+    (where the report reads them)."""
+    return write_overlay(folder / subcommand, {"trainer": {
         "callbacks": [], "logger": [{"class_path": "pytorch_lightning.loggers.CSVLogger",
-                                     "init_args": {"save_dir": str(folder / "test"), "name": "logs"}}]}})
+                                     "init_args": {"save_dir": str(folder / subcommand), "name": "logs"}}]}})
 
 
-def evaluate_into(folder: Path, recipe: Path, checkpoint: Path, args: list[str]) -> None:
-    """``headprune test`` of ``checkpoint``, in this process, with its logs in ``folder/test``."""
-    run(["test", f"--config={recipe}", f"--config={evaluation_overlay(folder)}", f"--ckpt_path={checkpoint}", *args])
+def evaluate_into(folder: Path, recipe: Path, checkpoint: Path, args: list[str], subcommand: str = "test") -> None:
+    """``headprune test`` (or ``validate``) of ``checkpoint``, in this process, with its logs in
+    ``folder/<subcommand>``."""
+    run([subcommand, f"--config={recipe}", f"--config={evaluation_overlay(folder, subcommand)}",
+         f"--ckpt_path={checkpoint}", *args])
 
 
 def finish_wandb() -> None:

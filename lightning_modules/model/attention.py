@@ -95,7 +95,8 @@ class RelativeMultiHeadAttention(nn.Module):
     einsum and autograd softmax, the plain formula the others are tested against), "sdpa"
     (F.scaled_dot_product_attention with an additive float bias, for fused GPU kernels), "joint" (one softmax over
     context and persistent slots with a hand-written backward, see `joint_attention`; the fastest on CPU) or
-    "auto" ("joint" on CPU, "sdpa" on other devices).
+    "auto" ("joint" on CPU, "sdpa" on other devices). Except for "reference", a segment of one token (a
+    generation step) takes `_attend_one_query`, the same formula without mask or shift.
 
     `forward` projects [memory; segment] afresh (training, and whenever gradients are on); `forward_cached` takes
     the memory's keys/values from a :class:`LayerKVCache` (no-grad evaluation and generation).
@@ -191,8 +192,8 @@ class RelativeMultiHeadAttention(nn.Module):
     def _attend(self, q: Tensor, kv: Tensor, r: Tensor, blocked: Tensor, head_scale: Tensor | None,
                 persistent: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """Projected queries q [B, T, H*D], keys/values kv [B, S, 2*H*D] and position rows r [S, H*D] through the
-        chosen core, the head scale and W_o -> [B, T, d_model]. ``persistent``: `persistent_slots`, when the
-        caller holds them already (the inference cache)."""
+        chosen core (the one-query core when T = 1), the head scale and W_o -> [B, T, d_model]. ``persistent``:
+        `persistent_slots`, when the caller holds them already (the inference cache)."""
         H, D = self.n_heads, self.d_head
         B, T = q.shape[:2]
         if blocked.shape != (T, kv.size(1)):

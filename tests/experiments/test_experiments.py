@@ -159,6 +159,9 @@ def test_comparison_at_tiny_scale_runs_every_method_and_seed_and_resumes(tmp_pat
     assert {row["method"] for row in rows} == {"dense", "gates", "random", "importance"}
     text = (out / "report.md").read_text()
     assert "| all_attention | gates | 50% | 2 |" in text, "the 50% point is summarised over both seeds"
+    curve = report.validation_curve(out / "all_attention-dense-s0")
+    assert [step for step, _ in curve] == [5, 11, 12], "the fit's validations, then the final model's at step 12"
+    assert "| all_attention-dense-s0 | 12 |" in text
     for name in ("ppl_vs_params.png", "learning_curves.png", "head_map_all_attention-gates-50-s0.png"):
         assert (out / name).stat().st_size > 0
 
