@@ -41,3 +41,18 @@ def test_pruning_speedup_benchmark_reports_ideal_ratios():
               for line in lines if line["metric"] == "parameter_ratio"}
     assert params[("all_attention", 0.5)]["value"] == pytest.approx(2.0, abs=0.01)  # every layer weight is per head
     assert params[("transformer_xl", 0.5)]["value"] < 1.5  # its FFN is not
+
+
+def test_the_cached_step_floor_counts_what_each_head_adds():
+    from experiments.benchmarks.generation import cached_step_bytes
+    from lightning_modules.model import MemoryTransformerLM
+
+    d, H, D, N, M = 32, 4, 8, 16, 8
+    model = MemoryTransformerLM(vocab_size=300, n_layers=2, d_model=d, n_heads=H, d_head=D, n_persistent=N,
+                                d_inner=64, tgt_len=8, mem_len=M, cutoffs=[50, 150], div_value=2.0).eval()
+    dense = cached_step_bytes(model, batch=1)
+    model.prune_heads({0: [1], 1: [0, 2]})
+    # per head: [W_q; W_k; W_v] rows, W_o columns, u and v', persistent K and V, cached keys/values, position rows
+    per_head = 3 * D * d + d * D + 2 * D + 2 * N * D + M * 2 * D + (M + 1) * D
+    assert dense - cached_step_bytes(model, batch=1) == 4 * 3 * per_head
+    assert cached_step_bytes(model, batch=8) > cached_step_bytes(model, batch=1), "the cache grows with the batch"

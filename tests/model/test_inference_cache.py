@@ -255,4 +255,5 @@ def test_the_generation_benchmark_runs_and_prints_its_figures(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = {json.loads(line)["metric"] for line in done.stdout.splitlines()}
     assert {"generate_tokens_per_s", "generate_cache_speedup", "generate_pruned_speedup", "eval_tokens_per_s",
-            "eval_cache_speedup", "pruned_eval_speedup_cached"} <= metrics
+            "eval_cache_speedup", "pruned_eval_speedup_cached", "read_bandwidth", "cached_step_floor",
+            "cached_step_over_floor"} <= metrics
