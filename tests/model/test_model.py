@@ -63,7 +63,8 @@ def test_head_scale_none_is_bit_identical_and_zero_equals_slicing_the_head_out(i
     d, H, D, N = 16, 3, 4, 5
     attn = RelativeMultiHeadAttention(d, H, D, n_persistent=N, impl=impl).double().eval()
     randomize_(attn)
-    x, mem, pos = torch.randn(2, seg, d).double(), torch.randn(2, 4, d).double(), torch.randn(4 + seg, d).double()
+    B = 1 if seg == 1 else 2
+    x, mem, pos = torch.randn(B, seg, d).double(), torch.randn(B, 4, d).double(), torch.randn(4 + seg, d).double()
     base = attn(x, mem, pos)
     assert torch.equal(base, attn(x, mem, pos, head_scale=None))
     assert torch.equal(base, attn(x, mem, pos, head_scale=torch.ones(H, dtype=torch.double)))
@@ -87,7 +88,7 @@ def test_head_scale_none_is_bit_identical_and_zero_equals_slicing_the_head_out(i
 # ------------------------------------------------------------------------------------------- model paths
 
 
-@pytest.mark.parametrize("seg", [8, 1])  # 1: every fast impl takes the one-query core (`_attend_one_query`)
+@pytest.mark.parametrize("seg", [8, 1])  # 1 (at batch 1): every fast impl takes the one-query core
 @pytest.mark.parametrize("fast", ["joint", "sdpa"])
 @pytest.mark.parametrize("same_length", [True, False])
 @pytest.mark.parametrize("layer_type", LAYER_TYPES)
@@ -95,8 +96,9 @@ def test_fast_paths_equal_reference_path_forward_and_gradients(layer_type, same_
     torch.manual_seed(0)
     model = small_model(layer_type=layer_type, same_length=same_length).double()
     randomize_(model, std=0.1)
-    x, y = torch.randint(0, V, (3, seg)), torch.randint(0, V, (3, seg))
-    memory = [torch.randn(3, 8, 32, dtype=torch.double) for _ in range(3)]
+    B = 1 if seg == 1 else 3
+    x, y = torch.randint(0, V, (B, seg)), torch.randint(0, V, (B, seg))
+    memory = [torch.randn(B, 8, 32, dtype=torch.double) for _ in range(3)]
 
     results = {}
     for impl in (fast, "reference"):
