@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,15 @@ def wikitext2_dir() -> Path:
             pytest.fail(message)
         pytest.skip(message)
     return WIKITEXT2_DIR
+
+
+@pytest.fixture(scope="session")
+def headprune_script() -> Path:
+    """The installed ``headprune`` console script, for tests that launch it as a user would; skipped without it."""
+    script = Path(sys.executable).parent / "headprune"
+    if not script.exists():
+        pytest.skip("the headprune console script is not installed in this environment")
+    return script
 
 
 @pytest.fixture(scope="session")

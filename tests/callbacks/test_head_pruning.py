@@ -7,7 +7,6 @@ import csv
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -127,18 +126,16 @@ def test_closing_every_head_of_the_model_stops_with_a_clear_error(wikitext2_dir,
 
 
 @pytest.mark.slow
-def test_two_process_ddp_removes_the_same_heads_on_every_rank_mid_run(wikitext2_dir, wt2_cache_dir, tmp_path):
-    script = Path(sys.executable).parent / "headprune"
-    if not script.exists():
-        pytest.skip("the headprune console script is not installed in this environment")
+def test_two_process_ddp_removes_the_same_heads_on_every_rank_mid_run(wikitext2_dir, wt2_cache_dir, tmp_path,
+                                                                       headprune_script):
     record = tmp_path / "record"
     args = [*prune_args(wikitext2_dir, wt2_cache_dir, tmp_path, prune_on_validation=True),
             "--trainer.strategy=ddp", "--trainer.devices=2",
             "--trainer.max_steps=50", "--trainer.callbacks+=tests.helpers.LayoutRecorder",
             f"--trainer.callbacks.folder={record}"]
     env = os.environ | {"PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    done = subprocess.run([str(script), "fit", *args], capture_output=True, text=True, timeout=300, cwd=tmp_path,
-                          env=env)
+    done = subprocess.run([str(headprune_script), "fit", *args], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [json.loads((record / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["world_size"] == 2

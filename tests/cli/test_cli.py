@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -44,15 +43,13 @@ def test_fit_then_test_from_the_cli(wikitext2_dir: Path, wt2_cache_dir: Path, tm
 
 @pytest.mark.slow
 def test_two_process_ddp_fit_on_cpu_aggregates_every_rank_once(wikitext2_dir: Path, wt2_cache_dir: Path,
-                                                                 tmp_path: Path):
+                                                                 tmp_path: Path, headprune_script: Path):
     """Real `ddp` (separate processes, gloo), launched through the installed console script like a user would."""
-    script = Path(sys.executable).parent / "headprune"
-    if not script.exists():
-        pytest.skip("the headprune console script is not installed in this environment")
     args = [*tiny_args(wikitext2_dir, wt2_cache_dir, tmp_path), "--trainer.strategy=ddp", "--trainer.devices=2",
             "--trainer.max_steps=3", "--trainer.val_check_interval=3", "--trainer.num_sanity_val_steps=0",
             "--trainer.logger=pytorch_lightning.loggers.CSVLogger", f"--trainer.logger.save_dir={tmp_path}"]
-    done = subprocess.run([str(script), "fit", *args], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    done = subprocess.run([str(headprune_script), "fit", *args], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text().splitlines()
     header = metrics[0].split(",")
@@ -84,11 +81,8 @@ def test_predict_continues_prompts_with_the_vocabulary(wikitext2_dir: Path, wt2_
 
 
 @pytest.mark.slow
-def test_console_script_exits_zero_on_success():
-    script = Path(sys.executable).parent / "headprune"
-    if not script.exists():
-        pytest.skip("the headprune console script is not installed in this environment")
-    done = subprocess.run([str(script), "fit", f"--config={RECIPE}", "--print_config"], capture_output=True,
+def test_console_script_exits_zero_on_success(headprune_script):
+    done = subprocess.run([str(headprune_script), "fit", f"--config={RECIPE}", "--print_config"], capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "layer_type: all_attention" in done.stdout

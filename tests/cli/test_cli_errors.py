@@ -9,8 +9,8 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
-import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,7 +22,6 @@ from lightning_modules.training.language_model import LanguageModel
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "experiments" / "wt2" / "all_attention_small.yaml"
-SCRIPT = Path(sys.executable).parent / "headprune"
 M = "--model.model.init_args."
 
 
@@ -43,12 +42,16 @@ def tiny(data_dir: Path, cache: Path, root: Path) -> list[str]:
             "--trainer.max_steps=2", "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={root}"]
 
 
-def headprune(args: list[str], root: Path, **env: str) -> subprocess.CompletedProcess:
-    if not SCRIPT.exists():
-        pytest.skip("the headprune console script is not installed in this environment")
-    root.mkdir(parents=True, exist_ok=True)
-    return subprocess.run([str(SCRIPT), *args], capture_output=True, text=True, timeout=300, cwd=root,
-                          env=os.environ | env)
+@pytest.fixture
+def headprune(headprune_script: Path) -> Callable[..., subprocess.CompletedProcess]:
+    """Runs the console script with ``args`` in ``root`` (created), extra environment variables as keywords."""
+
+    def run_script(args: list[str], root: Path, **env: str) -> subprocess.CompletedProcess:
+        root.mkdir(parents=True, exist_ok=True)
+        return subprocess.run([str(headprune_script), *args], capture_output=True, text=True, timeout=300, cwd=root,
+                              env=os.environ | env)
+
+    return run_script
 
 
 def assert_user_error(done: subprocess.CompletedProcess, root: Path, message: str) -> str:
@@ -74,14 +77,14 @@ def crafted_checkpoint(tmp_path: Path) -> Path:
 # --------------------------------------------------------------------------- fast: no data is read
 
 
-def test_a_missing_ckpt_path_is_one_line(tmp_path):
+def test_a_missing_ckpt_path_is_one_line(tmp_path, headprune):
     root = tmp_path / "run"
     done = headprune(["test", *tiny(tmp_path / "data", tmp_path / "cache", root),
                       f"--ckpt_path={tmp_path / 'missing.ckpt'}"], root)
     assert_user_error(done, root, "missing.ckpt does not exist")
 
 
-def test_a_crafted_checkpoint_runs_nothing_and_is_one_line(tmp_path):
+def test_a_crafted_checkpoint_runs_nothing_and_is_one_line(tmp_path, headprune):
     path, root = crafted_checkpoint(tmp_path), tmp_path / "run"
     done = headprune(["test", *tiny(tmp_path / "data", tmp_path / "cache", root), f"--ckpt_path={path}"], root)
     assert_user_error(done, root, "is unsafe: it holds Python objects (io.open)")
@@ -89,7 +92,7 @@ def test_a_crafted_checkpoint_runs_nothing_and_is_one_line(tmp_path):
 
 
 @pytest.mark.slow
-def test_an_unreadable_config_file_is_one_line_and_debug_shows_the_traceback(tmp_path):
+def test_an_unreadable_config_file_is_one_line_and_debug_shows_the_traceback(tmp_path, headprune):
     root = tmp_path / "run"
     done = headprune(["fit", f"--config={tmp_path / 'nope.yaml'}"], root)
     assert_user_error(done, root, "nope.yaml")
@@ -161,7 +164,8 @@ CASES = {
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_bad_input_is_one_line_with_exit_status_2_and_writes_nothing(case, tmp_path, wikitext2_dir, wt2_cache_dir):
+def test_bad_input_is_one_line_with_exit_status_2_and_writes_nothing(case, tmp_path, wikitext2_dir, wt2_cache_dir,
+                                                                   headprune):
     (subcommand, *override), message = CASES[case]
     paths = {"tmp": tmp_path, "other": other_shape_checkpoint(tmp_path), "torn": truncated_checkpoint(tmp_path)}
     override = [arg.format(**paths) for arg in override]

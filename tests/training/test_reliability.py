@@ -7,7 +7,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -59,10 +58,8 @@ def logged_steps(metrics: Path) -> int:
 
 
 @pytest.mark.slow
-def test_sigterm_saves_a_checkpoint_exits_cleanly_and_the_run_resumes(wikitext2_dir, wt2_cache_dir, tmp_path):
-    script = Path(sys.executable).parent / "headprune"
-    if not script.exists():
-        pytest.skip("the headprune console script is not installed in this environment")
+def test_sigterm_saves_a_checkpoint_exits_cleanly_and_the_run_resumes(wikitext2_dir, wt2_cache_dir, tmp_path,
+                                                                      headprune_script):
     checkpoints = tmp_path / "checkpoints"
     args = [*tiny_args(wikitext2_dir, wt2_cache_dir, tmp_path), "--trainer.val_check_interval=1000",
             "--trainer.limit_val_batches=1", "--trainer.num_sanity_val_steps=0",
@@ -70,7 +67,7 @@ def test_sigterm_saves_a_checkpoint_exits_cleanly_and_the_run_resumes(wikitext2_
             "--trainer.callbacks.init_args.every_n_train_steps=1",
             "--trainer.logger=pytorch_lightning.loggers.CSVLogger", f"--trainer.logger.save_dir={tmp_path}",
             "--trainer.log_every_n_steps=1"]
-    job = subprocess.Popen([str(script), "fit", *args, "--trainer.max_steps=100000"], cwd=tmp_path,
+    job = subprocess.Popen([str(headprune_script), "fit", *args, "--trainer.max_steps=100000"], cwd=tmp_path,
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "lightning_logs" / "version_0" / "metrics.csv"
     deadline = time.time() + 120
@@ -83,8 +80,8 @@ def test_sigterm_saves_a_checkpoint_exits_cleanly_and_the_run_resumes(wikitext2_
     step = saved["global_step"]
     assert step >= 5
 
-    resumed = subprocess.run([str(script), "fit", *args, f"--trainer.max_steps={step + 3}", "--ckpt_path=last"],
-                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run([str(headprune_script), "fit", *args, f"--trainer.max_steps={step + 3}",
+                              "--ckpt_path=last"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert torch.load(checkpoints / "last.ckpt", weights_only=False)["global_step"] == step + 3
 
@@ -217,14 +214,12 @@ def test_resuming_continues_with_the_first_unfinished_batch(tmp_path, where):
 
 
 @pytest.mark.slow
-def test_sigkill_during_pruning_resumes_with_its_layout_and_multipliers(wikitext2_dir, wt2_cache_dir, tmp_path):
-    script = Path(sys.executable).parent / "headprune"
-    if not script.exists():
-        pytest.skip("the headprune console script is not installed in this environment")
+def test_sigkill_during_pruning_resumes_with_its_layout_and_multipliers(wikitext2_dir, wt2_cache_dir, tmp_path,
+                                                                        headprune_script):
     checkpoints = tmp_path / "checkpoints"
     args = prune_args(wikitext2_dir, wt2_cache_dir, tmp_path, prune_every_n_steps=2,
                       checkpoint={"dirpath": str(checkpoints), "every_n_train_steps": 1, "save_top_k": 1})
-    job = subprocess.Popen([str(script), "fit", *args, "--trainer.max_steps=100000"], cwd=tmp_path,
+    job = subprocess.Popen([str(headprune_script), "fit", *args, "--trainer.max_steps=100000"], cwd=tmp_path,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def removed_heads() -> bool:
@@ -245,7 +240,7 @@ def test_sigkill_during_pruning_resumes_with_its_layout_and_multipliers(wikitext
     state = next(v for k, v in saved["callbacks"].items() if "HeadPruning" in k)
     assert state["lambda_2"] > 0
 
-    resumed = subprocess.run([str(script), "fit", *args, f"--trainer.max_steps={step + 2}",
+    resumed = subprocess.run([str(headprune_script), "fit", *args, f"--trainer.max_steps={step + 2}",
                               f"--ckpt_path={checkpoints / 'last.ckpt'}"], cwd=tmp_path, capture_output=True,
                              text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -294,17 +289,15 @@ def test_a_checkpoint_of_another_vocabulary_is_rejected_before_anything_runs(wik
 
 
 @pytest.mark.slow
-def test_a_rank_that_dies_makes_the_ddp_job_fail_instead_of_hanging(wikitext2_dir, wt2_cache_dir, tmp_path):
-    script = Path(sys.executable).parent / "headprune"
-    if not script.exists():
-        pytest.skip("the headprune console script is not installed in this environment")
+def test_a_rank_that_dies_makes_the_ddp_job_fail_instead_of_hanging(wikitext2_dir, wt2_cache_dir, tmp_path,
+                                                                    headprune_script):
     args = [*tiny_args(wikitext2_dir, wt2_cache_dir, tmp_path), "--trainer.strategy=ddp", "--trainer.devices=2",
             "--trainer.max_steps=50", "--trainer.val_check_interval=1000", "--trainer.num_sanity_val_steps=0",
             "--trainer.callbacks+=tests.helpers.DieAt", "--trainer.callbacks.step=3"]
     env = os.environ | {"PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     started = time.time()
-    done = subprocess.run([str(script), "fit", *args], cwd=tmp_path, capture_output=True, text=True, timeout=240,
-                          env=env)
+    done = subprocess.run([str(headprune_script), "fit", *args], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=240, env=env)
     assert done.returncode != 0, "the job must report the failure"
     assert time.time() - started < 200
     assert "error: " not in done.stderr, "the job started (its arguments parsed) and failed for the dead rank"
