@@ -184,8 +184,7 @@ def final_validation(scale: Scale, dense_dir: Path, layer_type: str, args: list[
     """Validation of a dense baseline's final model (``validate/`` in its folder): the last point of its learning
     curve, wherever the fit's own validations fell within the epochs."""
     evaluate_into(dense_dir, scale.dense[layer_type], dense_dir / "checkpoints" / "last.ckpt", args, "validate")
-    (metrics,) = (dense_dir / "validate").glob("logs/version_*/metrics.csv")
-    return {"step": scale.dense_steps, "val_ppl": report.last_metrics(metrics)["val/ppl"]}
+    return {"step": scale.dense_steps, "val_ppl": validation_ppl(dense_dir / "validate")}
 
 
 def pruned_run(scale: Scale, folder: Path, layer_type: str, start: Path, method: str, target: float, seed: int,
