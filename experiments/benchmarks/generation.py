@@ -26,12 +26,12 @@ from pathlib import Path
 
 import torch
 
+from experiments.benchmarks.options import apply_machine_options, chosen_sections, sectioned_parser
 from experiments.benchmarks.reporting import emit
 from experiments.benchmarks.throughput import with_targets
 from experiments.benchmarks.timing import interleaved_medians
 from experiments.benchmarks.workloads import PAPER_SHAPES, W1, W1_BATCH, W1_NAME, build, local_wikitext2, token_batch
 from lightning_modules.model import MemoryTransformerLM
-from lightning_modules.training.cpu_allocator import ALLOCATOR_MODES, configure_cpu_allocator
 
 MODES = ("cached", "reprojecting", "forward_steps")
 
@@ -176,22 +176,13 @@ SECTIONS = {"generation": generation, "paper": paper, "eval": evaluation}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=7, help="timed rounds per section (medians)")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (W1: 2)")
+    parser = sectioned_parser(__doc__, SECTIONS, repeats=7)
     parser.add_argument("--tokens", type=int, default=32, help="tokens generated per timed call (W1)")
     parser.add_argument("--data", type=Path, default=local_wikitext2(), help="WikiText-2 folder for the eval tokens")
-    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, of {list(SECTIONS)}")
-    parser.add_argument("--cpu-allocator", choices=ALLOCATOR_MODES, default="retain",
-                        help="glibc allocator setting, as `headprune --cpu_allocator`")
     args = parser.parse_args()
-    configure_cpu_allocator(args.cpu_allocator)
-    torch.set_num_threads(args.threads)
-    extra = {"threads": torch.get_num_threads(), "cpu_allocator": args.cpu_allocator}
-    for name in args.sections.split(","):
-        if name not in SECTIONS:
-            raise SystemExit(f"unknown section {name!r}; choose from {list(SECTIONS)}")
-        SECTIONS[name](args, extra)
+    extra = apply_machine_options(args)
+    for section in chosen_sections(args, SECTIONS):
+        section(args, extra)
 
 
 if __name__ == "__main__":

@@ -31,11 +31,11 @@ from pathlib import Path
 
 import torch
 
+from experiments.benchmarks.options import apply_machine_options, chosen_sections, sectioned_parser
 from experiments.benchmarks.reporting import emit
 from experiments.benchmarks.timing import interleaved_medians, matmul_probe
 from experiments.benchmarks.workloads import W1, W1_NAME, Workload, build, local_wikitext2, token_batch
 from lightning_modules.model import LAYER_TYPES
-from lightning_modules.training.cpu_allocator import ALLOCATOR_MODES, configure_cpu_allocator
 
 WORKLOAD = W1_NAME
 OTHER_IMPLS = ("sdpa", "reference")  # attention cores timed beside the default one ("auto": "joint" on CPU)
@@ -130,23 +130,15 @@ SECTIONS = {"efficiency": efficiency, "pruning": pruning}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=15, help="timed rounds per section (medians)")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (W1: 2)")
+    parser = sectioned_parser(__doc__, SECTIONS, repeats=15)
     parser.add_argument("--data", type=Path, default=local_wikitext2(),
                         help="WikiText-2 folder (default: $WIKITEXT_DIR; else Zipf-drawn ids)")
-    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, of {list(SECTIONS)}")
-    parser.add_argument("--cpu-allocator", choices=ALLOCATOR_MODES, default="retain",
-                        help="glibc allocator setting, as `headprune --cpu_allocator` (default: retain freed memory)")
     args = parser.parse_args()
-    configure_cpu_allocator(args.cpu_allocator)
-    torch.set_num_threads(args.threads)
+    extra = apply_machine_options(args)
     x, y, source = token_batch(args.data)
-    extra = {"threads": torch.get_num_threads(), "tokens": source, "cpu_allocator": args.cpu_allocator}
-    for name in args.sections.split(","):
-        if name not in SECTIONS:
-            raise SystemExit(f"unknown section {name!r}; choose from {list(SECTIONS)}")
-        SECTIONS[name](args, x, y, extra)
+    extra["tokens"] = source
+    for section in chosen_sections(args, SECTIONS):
+        section(args, x, y, extra)
 
 
 if __name__ == "__main__":
