@@ -7,10 +7,13 @@ For each architecture (equal layer-part parameters: N persistent vectors per hea
    perplexity picks the architecture's learning rate (skipped when ``lrs`` is empty: the recipe's rate).
 2. **Dense baselines**: one per seed, ``dense_steps`` steps at that rate, validated every ``val_every`` steps
    (within each epoch, as Lightning counts) and once more at the end, so the learning curve ends at the final model.
+   The cosine decays over the first ``decay_fraction`` of the steps (sweep points included) and the rest holds its
+   final rate: the rate pruning fine-tunes at, so the plateau test (the last 20% of the curve) asks whether the
+   model still learns at the rate its pruned versions continue with.
 3. **Pruning**: from the end of dense seed ``s``, ``prune_steps`` more steps with each method (``gates``,
    ``random``, ``importance``) to each target; the targets in ``seeded_targets`` for every seed, the others for
    the first seed. Every method gets the same steps, learning rate and data: a constant ``prune_lr_ratio`` x the
-   dense peak rate, which is where the dense cosine schedule ended, so pruning does not undo its annealing.
+   dense peak rate, which is where the dense schedule ended, so pruning does not undo its annealing.
 
 Every model is tested on the whole test split; then the report (results.csv, report.md, plots) is written. A
 run whose results are complete (its ``done.json`` marker) is skipped, so an interrupted comparison continues
@@ -18,7 +21,7 @@ where it stopped; an incomplete run folder is cleared and the run starts again. 
 only the first stages (the baselines can train while the rest is prepared). With ``--results`` the CSV, plots,
 report and the exact command and hardware are copied there as well.
 
-Scales (``--scale``): ``wt2-cpu``, 2-layer WikiText-2 models (d 64, 4 heads of 16) trained for 7 epochs, 3 seeds,
+Scales (``--scale``): ``wt2-cpu``, 2-layer WikiText-2 models (d 64, 4 heads of 16) trained for 10 epochs, 3 seeds,
 under two hours on 2 CPU cores with ``--jobs 2`` (results, time and caveats: experiments/results/wt2-cpu/README.md);
 ``wt103-gpu``, the paper's 16-layer WikiText-103 recipes, one seed, the recipes' learning rates, for a GPU node
 (pass ``--trainer.devices=8`` etc.):
@@ -77,6 +80,7 @@ class Scale:
     seeded_targets: tuple[float, ...] = ()
     lrs: tuple[float, ...] = ()
     sweep_steps: int = 0
+    decay_fraction: float = 1.0  # the cosine spans this fraction of a dense fit; the rest holds the final rate
     prune_lr_ratio: float = 0.1  # the dense recipes' min_lr_ratio: fine-tuning goes on at their final rate
     score_batches: int = 50
     args: list[str] = field(default_factory=list)
@@ -86,8 +90,9 @@ SCALES = {
     "wt2-cpu": Scale(
         dense={t: EXP / "wt2" / f"{t}_2l.yaml" for t in LAYER_TYPES},
         prune={t: EXP / "wt2" / "all_attention_2l_prune.yaml" for t in LAYER_TYPES},  # layer_type overridden
-        dense_steps=28000, prune_steps=800, val_every=2000, seeds=(0, 1, 2), seeded_targets=(0.43,),
-        lrs=(0.002, 0.004, 0.008, 0.016), sweep_steps=2000, args=["--trainer.limit_val_batches=100"]),
+        dense_steps=40000, prune_steps=600, val_every=2000, seeds=(0, 1, 2), seeded_targets=(0.43,),
+        lrs=(0.002, 0.004, 0.008, 0.016), sweep_steps=2000, decay_fraction=0.8,
+        args=["--trainer.limit_val_batches=100"]),
     "wt103-gpu": Scale(
         dense={t: EXP / "wt103" / f"{t}_16l.yaml" for t in LAYER_TYPES},
         prune={t: EXP / "wt103" / f"{t}_16l_prune.yaml" for t in LAYER_TYPES},
@@ -121,11 +126,23 @@ def validation_ppl(folder: Path) -> float:
     return report.last_metrics(metrics)["val/ppl"]
 
 
+def schedule_args(scale: Scale, steps: int) -> list[str]:
+    """The override ending the cosine at ``decay_fraction`` of a ``steps``-step dense fit (none at 1: the recipe
+    decays over the whole fit)."""
+    if not 0 < scale.decay_fraction <= 1:
+        raise ValueError(f"decay_fraction must be in (0, 1], the share of a fit the cosine spans; got "
+                         f"{scale.decay_fraction}")
+    if scale.decay_fraction == 1:
+        return []
+    return [f"--model.decay_steps={max(1, round(scale.decay_fraction * steps))}"]
+
+
 def sweep_run(scale: Scale, folder: Path, layer_type: str, lr: float, args: list[str], group: str,
               use_wandb: bool) -> dict:
     """One learning-rate sweep point: a dense fit of ``sweep_steps`` steps; returns its validation perplexity."""
     fit_dense(folder, scale.dense[layer_type], layer_type, scale.sweep_steps, scale.sweep_steps,
-              [*args, f"--model.optimizer.init_args.lr={lr}", f"--seed_everything={scale.seeds[0]}"], group,
+              [*args, *schedule_args(scale, scale.sweep_steps), f"--model.optimizer.init_args.lr={lr}",
+               f"--seed_everything={scale.seeds[0]}"], group,
               use_wandb, PROJECT, name=folder.name, role="sweep", lr=lr, seed=scale.seeds[0])
     return {"lr": lr, "val_ppl": validation_ppl(folder), "steps": scale.sweep_steps}
 
@@ -174,8 +191,8 @@ def dense_run(scale: Scale, folder: Path, layer_type: str, seed: int, lr: float 
               group: str, use_wandb: bool) -> dict:
     """One dense baseline: ``dense_steps`` steps at ``lr`` from seed ``seed``, then its test."""
     fit_dense(folder, scale.dense[layer_type], layer_type, scale.dense_steps, scale.dense_steps,
-              [*args, *lr_args(lr), f"--seed_everything={seed}"], group, use_wandb, PROJECT,
-              val_every=scale.val_every, name=folder.name, seed=seed, lr=lr)
+              [*args, *schedule_args(scale, scale.dense_steps), *lr_args(lr), f"--seed_everything={seed}"], group,
+              use_wandb, PROJECT, val_every=scale.val_every, name=folder.name, seed=seed, lr=lr)
     evaluate_into(folder, scale.dense[layer_type], folder / "checkpoints" / "last.ckpt", args)
     return {"seed": seed, "lr": lr}
 

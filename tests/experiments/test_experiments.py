@@ -136,6 +136,8 @@ def test_comparison_at_tiny_scale_runs_every_method_and_seed_and_resumes(tmp_pat
         sweep = list(csv.DictReader(f))
     assert [row["lr"] for row in sweep] == ["0.001", "0.003"] and [row["chosen"] for row in sweep].count("True") == 1
     dense_marker = (out / "all_attention-dense-s0" / "done.json").stat().st_mtime_ns
+    (hparams,) = (out / "all_attention-dense-s0").glob("logs/version_*/hparams.yaml")
+    assert "decay_steps: 10\n" in hparams.read_text(), "the cosine ends at 80% of the 12 steps, the rest holds"
     # an interrupted pruning run: its folder exists without a done marker, and is redone from scratch
     (out / "all_attention-random-50-s1" / "stale").mkdir(parents=True)
     capsys.readouterr()
