@@ -6,6 +6,7 @@ one owns its weights and cannot tie them to an adaptive input embedding (nor has
 projection of docs/method.md §1.4).
 """
 
+import bisect
 from collections.abc import Sequence
 from itertools import pairwise
 
@@ -59,6 +60,10 @@ class AdaptiveEmbedding(nn.Module):
         """ids [B, T] -> [B, T, d_model]."""
         if len(self.embs) == 1:
             h = self._cluster(0, ids)  # (B, T, d)
+        elif ids.numel() == 1 and not self.training and 0 <= (token := int(ids.reshape(()))) < self.vocab_size:
+            # a batch-1 generation step: its one cluster found on the host, 3 dispatches instead of 36
+            i = bisect.bisect_right(self.bounds, token) - 1
+            h = self._cluster(i, ids.reshape(1) - self.bounds[i]).view(*ids.shape, self.d_model)  # (1, 1, d)
         else:
             flat = ids.reshape(-1)  # (B*T,)
             h = torch.zeros(flat.numel(), self.d_model, device=ids.device, dtype=self.embs[0].weight.dtype)

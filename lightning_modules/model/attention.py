@@ -13,6 +13,7 @@ N persistent slots per head.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 
@@ -49,10 +50,14 @@ def attention_mask(q_len: int, n_mem: int, same_length: bool, device: torch.devi
     return allowed  # (T, S)
 
 
+@functools.lru_cache(maxsize=16)
 def blocked_mask(q_len: int, n_mem: int, same_length: bool, device: torch.device | None = None) -> Tensor:
     """The keys each query may not attend, bool [T, S], True = masked: ``~attention_mask``. The model builds it
-    once per forward and hands it to every layer, as it does the position rows."""
-    return ~attention_mask(q_len, n_mem, same_length, device)
+    once per forward and hands it to every layer, as it does the position rows. Kept for the shapes last used
+    (treat it as read-only): a generation step would otherwise spend six of its dispatches building it. Built
+    outside inference mode, so a mask first made by an inference-mode validation can be saved for backward."""
+    with torch.inference_mode(False):
+        return ~attention_mask(q_len, n_mem, same_length, device)
 
 
 def rel_shift(x: Tensor) -> Tensor:
@@ -292,31 +297,36 @@ class RelativeMultiHeadAttention(nn.Module):
 
     def _attend_one_query(self, q: Tensor, kv: Tensor, r: Tensor,
                           persistent: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        """The core for a single query (a batch-1 generation step): the same function as `_attend_reference`,
-        written as a handful of batched matmuls. With T = 1 the mask keeps every key under both `same_length`
-        settings (the query sees its S - 1 memory positions and itself) and the relative shift is the identity
-        (key j takes position row j), so neither is applied, and the fused kernels' set-up is skipped. It takes
-        a W1 batch-1 cached step from 2.86 to 2.59 ms (dense) and 2.04 to 1.64 ms (half the heads removed); at
-        batch 8 the fused kernel is as fast or faster, so it is used for one query only (docs/performance.md,
-        "Generation"). Written for any B: q [B, 1, H*D], kv [B, S, 2*H*D], r [H, S, D] -> [H, B, 1, D]."""
+        """The core for a single query in all (batch 1, one token: a generation step): the same function as
+        `_attend_reference`, written as a few matmuls over views of the projections. With T = 1 the mask keeps every
+        key under both `same_length` settings (the query sees its S - 1 memory positions and itself) and the
+        relative shift is the identity (key j takes position row j), so neither is applied, and the fused kernels'
+        set-up is skipped. Content and position logits are one baddbmm, the two weighted sums another. It takes a W1
+        batch-1 cached step from 2.86 to 2.59 ms (dense) and 2.04 to 1.64 ms (half the heads removed); at batch 8
+        the fused kernel is as fast or faster (docs/performance.md, "Generation").
+        q [1, 1, H*D], kv [1, S, 2*H*D], r [H, S, D] -> [H, 1, 1, D]."""
         H, D = self.n_heads, self.d_head
-        B, S = kv.shape[:2]
+        S = kv.size(1)
         dtype, scale = q.dtype, D**-0.5
-        q = q.view(B, H, D).transpose(0, 1)  # (H, B, D)
-        k, v = kv.view(B, S, 2, H, D).permute(2, 3, 0, 1, 4)  # (H, B, S, D) each, views
-        q_content = (q + as_dtype(self.content_bias, dtype)[:, None]) * scale  # (H, B, D): (q + u) / sqrt(D)
-        q_position = (q + as_dtype(self.position_bias, dtype)[:, None]) * scale  # (H, B, D): (q + v) / sqrt(D)
-        content = torch.matmul(q_content[:, :, None], k.mT)[:, :, 0]  # (H, B, S)
-        position = torch.bmm(q_position, as_dtype(r, dtype).mT)  # (H, B, S)
-        logits = [at_least_fp32(content + position)]
+        q = q.view(H, 1, D)
+        kv = kv.view(S, 2, H, D)
+        k, v = kv[:, 0].permute(1, 2, 0), kv[:, 1].transpose(0, 1)  # (H, D, S) and (H, S, D), views
+        q_content = (q + as_dtype(self.content_bias, dtype)[:, None]) * scale  # (H, 1, D): (q + u) / sqrt(D)
+        q_position = (q + as_dtype(self.position_bias, dtype)[:, None]) * scale  # (H, 1, D): (q + v) / sqrt(D)
+        logits = torch.baddbmm(torch.bmm(q_position, as_dtype(r, dtype).mT), q_content, k)  # (H, 1, S)
+        logits = [at_least_fp32(logits)]
         if self.n_persistent > 0:
             persistent_k, persistent_v = self.persistent_slots(dtype) if persistent is None else persistent
-            logits.append(at_least_fp32(torch.bmm(q, persistent_k.mT)))  # (H, B, N): q·K_n
-        probs = F.dropout(torch.cat(logits, -1).softmax(-1), self.dropatt, self.training).to(dtype)  # (H, B, S+N)
-        o = torch.matmul(probs[:, :, None, :S], v)  # (H, B, 1, D)
+            logits.append(at_least_fp32(torch.bmm(q, persistent_k.mT)))  # (H, 1, N): q·K_n
+            logits = torch.cat(logits, -1)
+        else:
+            logits = logits[0]
+        probs = F.dropout(logits.softmax(-1), self.dropatt, self.training).to(dtype)  # (H, 1, S+N)
         if self.n_persistent > 0:
-            o = o + torch.bmm(probs[..., S:], persistent_v)[:, :, None]  # + p·sqrt(N)V
-        return o
+            o = torch.baddbmm(torch.bmm(probs[..., S:], persistent_v), probs[..., :S], v)  # p·V + p·sqrt(N)V
+        else:
+            o = torch.bmm(probs, v)  # (H, 1, D)
+        return o[:, None]  # (H, 1, 1, D)
 
     def persistent_slots(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """The persistent keys and values as the joint core takes them, [H, N, D] each: K as stored (the logit is

@@ -262,20 +262,35 @@ class MemoryTransformerLM(nn.Module, PretrainedMixin):
 
         h = self.drop_emb(self.embedding(input_ids)) * math.sqrt(self.d_model)  # (B, T, d)
         blocked = blocked_mask(T, n_ctx - T, self.config.same_length, h.device)  # (T, S), one for every layer
-        hiddens = [h]
         if cache is None:
+            hiddens = [h]
             pos_emb = self.drop_emb(self.pos_table[-n_ctx:])  # (S, d), distances S-1 .. 0
             for layer, mem in zip(self.layers, memory[:-1], strict=True):
                 h = layer(h, mem, pos_emb, blocked, head_scale=self._head_scale(layer))  # (B, T, d)
                 hiddens.append(h)
         else:
-            entries = []
-            for layer, entry in zip(self.layers, cache.layers, strict=True):
-                h, entry = layer.forward_cached(h, entry, blocked, head_scale=self._head_scale(layer))  # (B, T, d)
-                hiddens.append(h)
-                entries.append(entry)
-            cache = InferenceCache(tuple(entries))
-        return self.drop_out(h), self._update_memory(memory, hiddens), cache
+            hiddens, cache = self._through_cache(h, cache, blocked)
+        return self.drop_out(hiddens[-1]), self._update_memory(memory, hiddens), cache
+
+    def _through_cache(self, h: Tensor, cache: InferenceCache, blocked: Tensor) -> tuple[list[Tensor], InferenceCache]:
+        """The layers over the embedded segment ``h`` [B, T, d] with the memory's keys/values from ``cache``: every
+        layer's input and the last output (n_layers + 1 tensors [B, T, d]) and the advanced cache."""
+        hiddens, entries = [h], []
+        for layer, entry in zip(self.layers, cache.layers, strict=True):
+            h, entry = layer.forward_cached(h, entry, blocked, head_scale=self._head_scale(layer))  # (B, T, d)
+            hiddens.append(h)
+            entries.append(entry)
+        return hiddens, InferenceCache(tuple(entries))
+
+    def _cached_step(self, input_ids: Tensor, cache: InferenceCache) -> tuple[Tensor, InferenceCache]:
+        """One generation step through the cache alone: ``input_ids`` [B, 1] -> the last hidden state [B, 1, d] and
+        the next cache. The hidden-state memory that `forward` also returns is not kept (nothing reads it while
+        generating), which saves three dispatches per stored tensor."""
+        h = self.drop_emb(self.embedding(input_ids)) * math.sqrt(self.d_model)  # (B, 1, d)
+        n_mem = cache.length or 0  # None: no layer has heads, none reads the mask
+        blocked = blocked_mask(1, n_mem, self.config.same_length, h.device)  # (1, M + 1)
+        hiddens, cache = self._through_cache(h, cache, blocked)
+        return self.drop_out(hiddens[-1]), cache
 
     def _check_memory(self, memory: list[Tensor], batch_size: int) -> None:
         """Raise a ValueError unless memory holds n_layers + 1 tensors [B, M, d] with one common M."""
@@ -334,8 +349,12 @@ class MemoryTransformerLM(nn.Module, PretrainedMixin):
         for step in range(max_new_tokens):
             next_ids = self.softmax.draw(h[:, -1], temperature, top_k, generator)  # (B,)
             new_tokens.append(next_ids)
-            if step + 1 < max_new_tokens:
-                h, memory, cache = self._hidden(next_ids[:, None], memory, cache, use_cache)  # (B, 1, d)
+            if step + 1 == max_new_tokens:
+                break
+            if cache is None:
+                h, memory, _ = self._hidden(next_ids[:, None], memory, None, False)  # (B, 1, d)
+            else:
+                h, cache = self._cached_step(next_ids[:, None], cache)  # (B, 1, d)
         return torch.stack(new_tokens, 1) if new_tokens else prompt_ids.new_zeros(prompt_ids.size(0), 0)
 
     # ------------------------------------------------------------------------------------ introspection

@@ -7,7 +7,13 @@ import torch
 
 from lightning_modules.model import LAYER_TYPES, MemoryTransformerLM
 from lightning_modules.model.adaptive import AdaptiveEmbedding, AdaptiveSoftmax
-from lightning_modules.model.attention import RelativeMultiHeadAttention, attention_mask, rel_shift, relative_index
+from lightning_modules.model.attention import (
+    RelativeMultiHeadAttention,
+    attention_mask,
+    blocked_mask,
+    rel_shift,
+    relative_index,
+)
 
 V = 300  # vocabulary of the small test models
 
@@ -42,6 +48,17 @@ def test_same_length_mask_gives_every_query_mem_len_plus_one_keys():
         assert allowed[i].nonzero().squeeze(1).tolist() == list(range(i, M + i + 1))
     causal = attention_mask(T, M, same_length=False)
     assert causal.sum(1).tolist() == [M + 1 + i for i in range(T)]
+
+
+def test_a_mask_first_built_in_inference_mode_serves_a_later_training_step():
+    model = small_model()
+    x = torch.randint(0, model.config.vocab_size, (2, model.tgt_len))
+    blocked_mask.cache_clear()
+    with torch.inference_mode():  # as Lightning validates
+        model.eval()(x, x)
+    assert blocked_mask(model.tgt_len, model.mem_len, model.config.same_length, x.device).equal(
+        ~attention_mask(model.tgt_len, model.mem_len, model.config.same_length))
+    model.train()(x, x).nll.mean().backward()  # the cached mask is saved for backward by masked_fill
 
 
 def test_rel_shift_picks_the_row_of_each_relative_distance():
@@ -256,6 +273,23 @@ def test_tail_clusters_are_computed_only_for_the_tokens_that_need_them(monkeypat
     calls.clear()
     softmax.nll(h, torch.tensor([[1, 200, 3, 299, 4, 5]]))
     assert calls == [(1, 0), (2, 2)]
+
+
+def test_a_single_token_embeds_as_in_a_batch_through_its_cluster_alone(monkeypatch):
+    emb = AdaptiveEmbedding(V, 16, [50, 150], div_value=2.0).eval()
+    edges = torch.tensor([[0, 49, 50, 149, 150, V - 1]])
+    batched = emb(edges)  # (1, 6, 16), every cluster's rows gathered and scattered back
+    looked_up = []
+    for i, table in enumerate(emb.embs):
+        monkeypatch.setattr(table, "forward", lambda ids, i=i, f=table.forward: looked_up.append(i) or f(ids))
+    for j, token in enumerate(edges[0].tolist()):
+        looked_up.clear()
+        alone = emb(torch.tensor([[token]]))
+        assert looked_up == [sum(token >= b for b in emb.bounds[1:-1])], "only the token's own cluster"
+        torch.testing.assert_close(alone, batched[:, j : j + 1])
+        assert torch.equal(alone, emb.train()(torch.tensor([[token]]))), "the batched path on one row, bit for bit"
+        emb.eval()
+    assert torch.equal(emb(torch.tensor([[V]])), torch.zeros(1, 1, 16)), "out of range: the batched path's zeros"
 
 
 def test_softmax_is_tied_to_the_embedding_and_counts_it_once():
