@@ -7,7 +7,8 @@ Sections (each timed in interleaved rounds in this one process, medians of ``--r
     position table) and ``forward_steps`` (stepping ``model(ids[:, -1:], memory=memory)`` and taking the argmax
     of the full log-probabilities). Figures: ``generate_tokens_per_s`` per case, ``generate_cache_speedup`` (cached
     over forward_steps, batch 1: target >= 4) and ``generate_pruned_speedup`` (50% removed over dense, cached:
-    target >= 1.5);
+    target >= 1.5); the batch-1 step's memory-traffic floor; and ``cached_layers_weight_reads``, the dense
+    step's layers over the same number of passes through one layer, whose weights stay in the CPU caches;
   - ``paper``: the same at the paper's layer shapes (16 layers, d 512, 8 heads x 64, N 2048, memory 192, tiny
     vocabulary), batch 1, a few tokens, cached vs reprojecting, dense vs 50% removed;
   - ``eval``: whole-model eval tokens/s on W1 (batch 8, segment 64 + memory 64, targets given) with and without the
@@ -85,6 +86,28 @@ def read_bandwidth(repeats: int = 7, megabytes: int = 256) -> float:
     return data.numel() * 4 / seconds
 
 
+def layer_stack_fns(model: MemoryTransformerLM, batch: int = 1) -> dict[str, Callable]:
+    """Two ways to run a batch-1 cached step's layers: ``stack``, every layer once (each reads its own weights), and
+    ``one_layer_repeated``, the first layer n_layers times (the same ops and shapes, but its weights stay in the
+    CPU caches after the first pass). Their difference is what reading the stack's weights from memory costs."""
+    with torch.no_grad():
+        cache = model.init_cache(model.init_memory(batch, torch.device("cpu")))
+    h = torch.randn(batch, 1, model.d_model, generator=torch.Generator().manual_seed(0))
+    blocked = torch.zeros(1, model.mem_len + 1, dtype=torch.bool)
+
+    def stack() -> None:
+        with torch.no_grad():
+            for layer, entry in zip(model.layers, cache.layers, strict=True):
+                layer.forward_cached(h, entry, blocked)
+
+    def one_layer_repeated() -> None:
+        with torch.no_grad():
+            for _ in model.layers:
+                model.layers[0].forward_cached(h, cache.layers[0], blocked)
+
+    return {"stack": stack, "one_layer_repeated": one_layer_repeated}
+
+
 def generation(args: argparse.Namespace, extra: dict) -> None:
     """W1 generation tokens/s: batch 1 and 8, dense and 50% removed, cached / reprojecting / forward steps."""
     models = {r: build("all_attention", r).eval() for r in (0.0, 0.5)}
@@ -110,6 +133,12 @@ def generation(args: argparse.Namespace, extra: dict) -> None:
              mb_read=round(step_bytes / 2**20, 2), **extra)
         emit(W1_NAME, "cached_step_over_floor", round(t[(r, 1, "cached")] / args.tokens / floor, 2), "x", batch=1,
              heads_removed=r, **extra)
+    layers = interleaved_medians(layer_stack_fns(models[0.0]), 10 * args.repeats)
+    for mode, seconds in layers.items():
+        emit(W1_NAME, "cached_layers_ms", round(1e3 * seconds, 3), "ms", batch=1, heads_removed=0.0, mode=mode,
+             **extra)
+    emit(W1_NAME, "cached_layers_weight_reads", round(layers["stack"] / layers["one_layer_repeated"], 2), "x",
+         batch=1, heads_removed=0.0, over="one_layer_repeated", **extra)
     for b in prompts:
         emit(W1_NAME, "generate_cache_speedup", round(t[(0.0, b, "forward_steps")] / t[(0.0, b, "cached")], 2), "x",
              batch=b, over="forward_steps", **({"target": 4.0} if b == 1 else {}), **extra)

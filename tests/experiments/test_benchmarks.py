@@ -56,3 +56,24 @@ def test_the_cached_step_floor_counts_what_each_head_adds():
     per_head = 3 * D * d + d * D + 2 * D + 2 * N * D + M * 2 * D + (M + 1) * D
     assert dense - cached_step_bytes(model, batch=1) == 4 * 3 * per_head
     assert cached_step_bytes(model, batch=8) > cached_step_bytes(model, batch=1), "the cache grows with the batch"
+
+
+def test_the_layer_stack_and_one_layer_repeated_run_the_same_number_of_layer_steps(monkeypatch):
+    from experiments.benchmarks.generation import layer_stack_fns
+    from lightning_modules.model import MemoryTransformerLM
+
+    model = MemoryTransformerLM(vocab_size=300, n_layers=3, d_model=32, n_heads=4, d_head=8, n_persistent=16,
+                                d_inner=64, tgt_len=8, mem_len=8, cutoffs=[50, 150], div_value=2.0).eval()
+    calls = []
+    for i, layer in enumerate(model.layers):
+        def spy(h, entry, blocked, i=i, original=layer.forward_cached):
+            calls.append(i)
+            return original(h, entry, blocked)
+
+        monkeypatch.setattr(layer, "forward_cached", spy)
+    fns = layer_stack_fns(model)
+    fns["stack"]()
+    assert calls == [0, 1, 2]
+    calls.clear()
+    fns["one_layer_repeated"]()
+    assert calls == [0, 0, 0]
