@@ -21,10 +21,10 @@ where it stopped; an incomplete run folder is cleared and the run starts again. 
 only the first stages (the baselines can train while the rest is prepared). With ``--results`` the CSV, plots,
 report and the exact command and hardware are copied there as well.
 
-Scales (``--scale``): ``wt2-cpu``, 2-layer WikiText-2 models (d 64, 4 heads of 16) trained for 10 epochs, 3 seeds,
-under two hours on 2 CPU cores with ``--jobs 2`` (results, time and caveats: experiments/results/wt2-cpu/README.md);
-``wt103-gpu``, the paper's 16-layer WikiText-103 recipes, one seed, the recipes' learning rates, for a GPU node
-(pass ``--trainer.devices=8`` etc.):
+Scales (``--scale``): ``wt2-cpu``, 2-layer WikiText-2 models (d 64, 4 heads of 16) trained for 9.8 epochs to a
+plateau, 3 seeds, 105 minutes on 2 CPU cores with ``--jobs 2`` (results, time and caveats:
+experiments/results/wt2-cpu/README.md); ``wt103-gpu``, the paper's 16-layer WikiText-103 recipes, one seed, the
+recipes' learning rates, for a GPU node (pass ``--trainer.devices=8`` etc.):
 
     WIKITEXT_DIR=DIR python -m experiments.compare --scale wt103-gpu --results experiments/results/wt103-gpu
 
