@@ -301,9 +301,10 @@ class RelativeMultiHeadAttention(nn.Module):
         `_attend_reference`, written as a few matmuls over views of the projections. With T = 1 the mask keeps every
         key under both `same_length` settings (the query sees its S - 1 memory positions and itself) and the
         relative shift is the identity (key j takes position row j), so neither is applied, and the fused kernels'
-        set-up is skipped. Content and position logits are one baddbmm, the two weighted sums another. It takes a W1
-        batch-1 cached step from 2.86 to 2.59 ms (dense) and 2.04 to 1.64 ms (half the heads removed); at batch 8
-        the fused kernel is as fast or faster (docs/performance.md, "Generation").
+        set-up is skipped. Content and position logits are one baddbmm, the two weighted sums another. Against the
+        fused kernel, its first form (five bmm) took a W1 batch-1 cached step from 2.86 to 2.59 ms (dense) and 2.04
+        to 1.64 ms (half the heads removed); at batch 8 the fused kernel is as fast or faster, so it serves a single
+        query only (docs/performance.md, "Generation").
         q [1, 1, H*D], kv [1, S, 2*H*D], r [H, S, D] -> [H, 1, 1, D]."""
         H, D = self.n_heads, self.d_head
         S = kv.size(1)
