@@ -33,6 +33,7 @@ from experiments.benchmarks.throughput import with_targets
 from experiments.benchmarks.timing import interleaved_medians
 from experiments.benchmarks.workloads import PAPER_SHAPES, W1, W1_BATCH, W1_NAME, build, local_wikitext2, token_batch
 from lightning_modules.model import MemoryTransformerLM
+from lightning_modules.model.attention import blocked_mask
 
 MODES = ("cached", "reprojecting", "forward_steps")
 
@@ -93,7 +94,7 @@ def layer_stack_fns(model: MemoryTransformerLM, batch: int = 1) -> dict[str, Cal
     with torch.no_grad():
         cache = model.init_cache(model.init_memory(batch, torch.device("cpu")))
     h = torch.randn(batch, 1, model.d_model, generator=torch.Generator().manual_seed(0))
-    blocked = torch.zeros(1, model.mem_len + 1, dtype=torch.bool)
+    blocked = blocked_mask(1, model.mem_len, model.config.same_length)  # (1, M + 1)
 
     def stack() -> None:
         with torch.no_grad():

@@ -314,14 +314,10 @@ class RelativeMultiHeadAttention(nn.Module):
         k, v = kv[:, 0].permute(1, 2, 0), kv[:, 1].transpose(0, 1)  # (H, D, S) and (H, S, D), views
         q_content = (q + as_dtype(self.content_bias, dtype)[:, None]) * scale  # (H, 1, D): (q + u) / sqrt(D)
         q_position = (q + as_dtype(self.position_bias, dtype)[:, None]) * scale  # (H, 1, D): (q + v) / sqrt(D)
-        logits = torch.baddbmm(torch.bmm(q_position, as_dtype(r, dtype).mT), q_content, k)  # (H, 1, S)
-        logits = [at_least_fp32(logits)]
+        logits = at_least_fp32(torch.baddbmm(torch.bmm(q_position, as_dtype(r, dtype).mT), q_content, k))  # (H, 1, S)
         if self.n_persistent > 0:
             persistent_k, persistent_v = self.persistent_slots(dtype) if persistent is None else persistent
-            logits.append(at_least_fp32(torch.bmm(q, persistent_k.mT)))  # (H, 1, N): q·K_n
-            logits = torch.cat(logits, -1)
-        else:
-            logits = logits[0]
+            logits = torch.cat([logits, at_least_fp32(torch.bmm(q, persistent_k.mT))], -1)  # + (H, 1, N): q·K_n
         probs = F.dropout(logits.softmax(-1), self.dropatt, self.training).to(dtype)  # (H, 1, S+N)
         if self.n_persistent > 0:
             o = torch.baddbmm(torch.bmm(probs[..., S:], persistent_v), probs[..., :S], v)  # p·V + p·sqrt(N)V

@@ -260,7 +260,7 @@ class MemoryTransformerLM(nn.Module, PretrainedMixin):
                                  f"{len(cache.layers)} layers) does not describe this memory (batch {B}, "
                                  f"{memory[0].size(1)} positions, {self.n_layers} layers)")
 
-        h = self.drop_emb(self.embedding(input_ids)) * math.sqrt(self.d_model)  # (B, T, d)
+        h = self._embed(input_ids)  # (B, T, d)
         blocked = blocked_mask(T, n_ctx - T, self.config.same_length, h.device)  # (T, S), one for every layer
         if cache is None:
             hiddens = [h]
@@ -271,6 +271,10 @@ class MemoryTransformerLM(nn.Module, PretrainedMixin):
         else:
             hiddens, cache = self._through_cache(h, cache, blocked)
         return self.drop_out(hiddens[-1]), self._update_memory(memory, hiddens), cache
+
+    def _embed(self, input_ids: Tensor) -> Tensor:
+        """Token ids [B, T] -> the first layer's input [B, T, d]: adaptive embedding, dropout, times sqrt(d)."""
+        return self.drop_emb(self.embedding(input_ids)) * math.sqrt(self.d_model)
 
     def _through_cache(self, h: Tensor, cache: InferenceCache, blocked: Tensor) -> tuple[list[Tensor], InferenceCache]:
         """The layers over the embedded segment ``h`` [B, T, d] with the memory's keys/values from ``cache``: every
@@ -286,7 +290,7 @@ class MemoryTransformerLM(nn.Module, PretrainedMixin):
         """One generation step through the cache alone: ``input_ids`` [B, 1] -> the last hidden state [B, 1, d] and
         the next cache. The hidden-state memory that `forward` also returns is not kept (nothing reads it while
         generating), which saves three dispatches per stored tensor."""
-        h = self.drop_emb(self.embedding(input_ids)) * math.sqrt(self.d_model)  # (B, 1, d)
+        h = self._embed(input_ids)  # (B, 1, d)
         n_mem = cache.length or 0  # None: no layer has heads, none reads the mask
         blocked = blocked_mask(1, n_mem, self.config.same_length, h.device)  # (1, M + 1)
         hiddens, cache = self._through_cache(h, cache, blocked)
