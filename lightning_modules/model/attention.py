@@ -216,9 +216,18 @@ class RelativeMultiHeadAttention(nn.Module):
             k, v = rearrange(kv, "b s (two h d) -> two b h s d", two=2, h=H)  # (B, H, S, D) each
             attend = self._attend_sdpa if impl == "sdpa" else self._attend_reference
             o = attend(q, k, v, r, blocked).transpose(1, 2)  # (B, T, H, D)
+        return self._merge_heads(o, head_scale)
+
+    def _merge_heads(self, o: Tensor, head_scale: Tensor | None, w_o_t: Tensor | None = None) -> Tensor:
+        """Head outputs o [B, T, H, D] through the head scale and W_o -> [B, T, d_model]. ``w_o_t``: W_o transposed
+        (contiguous [H*D, d_model]), for a single row."""
+        B, T, H, D = o.shape
         if head_scale is not None:
             o = o * head_scale.view(H, 1)
-        out = self.o_proj(o.reshape(B, T, H * D))  # (B, T, d)
+        if w_o_t is None:
+            out = self.o_proj(o.reshape(B, T, H * D))  # (B, T, d)
+        else:
+            out = torch.addmm(self.o_proj.bias, o.reshape(1, H * D), w_o_t).view(B, T, -1)  # (1, 1, d)
         if head_scale is None:
             return out
         return out * head_scale.detach().ne(0).any().to(out.dtype)  # a 0-dim factor: no host sync
@@ -364,6 +373,65 @@ class RelativeMultiHeadAttention(nn.Module):
         out = self._attend(qkv[..., :inner], kv, r, blocked, head_scale, cache.persistent)
         return out, cache.advanced(kv)
 
+    @torch.no_grad()
+    def new_ring_cache(self, mem: Tensor, pos_rows: Tensor) -> RingKVCache:
+        """The :class:`RingKVCache` of one stream's normalised memory ``mem`` [1, M, d_model], for `forward_ring`:
+        the memory's keys/values in slots 0..M-1 (oldest first) behind the persistent slots, and W_r applied to
+        ``pos_rows`` [M + 1, d_model], the position-table rows of distances M .. 0."""
+        if mem.size(0) != 1:
+            raise ValueError(f"a ring cache holds one stream; this memory has {mem.size(0)} rows")
+        H, D, N = self.n_heads, self.d_head, self.n_persistent
+        M, S, inner = mem.size(1), mem.size(1) + 1, self.n_heads * self.d_head
+        if pos_rows.size(0) != S:
+            raise ValueError(f"pos_rows has {pos_rows.size(0)} rows; the ring needs M + 1 = {S}")
+        scale = D**-0.5
+        w_q, w_k, w_v = (as_dtype(p, mem.dtype) for p in (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight))
+        w_uk = torch.einsum("hd,hdi->hi", as_dtype(self.content_bias, mem.dtype) * scale, w_k.view(H, D, -1))  # (H, d)
+        # transposed: a step's projection is a product of one row, which MKL runs faster with the outputs contiguous
+        # (a W1 step 1.05-1.10x; docs/performance.md, "Generation")
+        w_step_t = torch.cat([w_q.t() * scale, w_k.t(), w_v.t(), w_uk.t()], 1)  # (d, 3*H*D + H)
+        kvb = mem[0] @ w_step_t[:, inner:]  # (M, 2*H*D + H): k, v and u·k / sqrt(D) of the memory rows
+        keys, values = mem.new_empty(H, D, N + S), mem.new_empty(H, N + S, D)  # slot N + M is written first
+        key_bias = mem.new_zeros(H, 1, N + S)
+        if N > 0:
+            torch.mul(self.persistent_k.mT, D**0.5, out=keys[:, :, :N])  # times the 1/sqrt(D) of the query
+            torch.mul(self.persistent_v, N**0.5, out=values[:, :N])
+        keys[:, :, N : N + M] = kvb[:, :inner].view(M, H, D).permute(1, 2, 0)
+        values[:, N : N + M] = kvb[:, inner : 2 * inner].view(M, H, D).transpose(0, 1)
+        key_bias[:, 0, N : N + M] = kvb[:, 2 * inner :].t()
+        positions = self.r_proj(pos_rows).view(S, H, D).permute(1, 2, 0)  # (H, D, S)
+        positions = torch.cat([positions, positions], -1)  # (H, D, 2S): every rotation of the rows is a window
+        return RingKVCache(keys=keys, values=values, key_bias=key_bias, positions=positions, w_step_t=w_step_t,
+                           w_o_t=as_dtype(self.o_proj.weight.t().contiguous(), mem.dtype),
+                           position_bias=(as_dtype(self.position_bias, mem.dtype) * scale)[:, None],
+                           head_ids=self.head_ids)
+
+    def forward_ring(self, x: Tensor, ring: RingKVCache, head_scale: Tensor | None = None) -> Tensor:
+        """One generation step of one stream: the normalised token x [1, 1, d_model] attends to the ring's memory
+        positions, itself and the persistent slots; its key and value are written into the ring in place of the
+        oldest position's. The same function as `forward_cached` of one token (tested equal), in about a third of
+        the dispatches: content and persistent logits are one `baddbmm` over [K_n | k_j / sqrt(D)] with the u·k_j
+        terms kept per slot, the position logits another, added in place, over the window of the doubled position
+        rows that matches the slots' order, and the weighted sum one `bmm`. -> [1, 1, d_model]."""
+        if ring.head_ids is not self.head_ids:  # select_heads_ replaces head_ids: a removal since it was built
+            raise ValueError(f"the ring cache holds heads {ring.head_ids.tolist()}, the module "
+                             f"{self.head_ids.tolist()}: build it again after removing heads")
+        H, D, N = self.n_heads, self.d_head, self.n_persistent
+        S = ring.positions.size(-1) // 2
+        slot = N + (S - 1 + ring.steps) % S  # the oldest position's slot (the free one at the first step)
+        inner = H * D
+        out = x.view(1, -1) @ ring.w_step_t  # (1, 3*H*D + H): q / sqrt(D), k, v and u·k / sqrt(D)
+        q, k, v = out[:, : 3 * inner].view(3, H, 1, D)  # (H, 1, D) each
+        ring.keys[:, :, slot : slot + 1] = k.mT
+        ring.values[:, slot : slot + 1] = v
+        ring.key_bias[:, :, slot : slot + 1] = out[:, 3 * inner :].view(H, 1, 1)
+        logits = torch.baddbmm(ring.key_bias, q, ring.keys)  # (H, 1, N + S): q·K_n and (q + u)·k_j / sqrt(D)
+        start = -ring.steps % S  # the window of the doubled rows that puts each slot's distance at the slot
+        logits[..., N:].baddbmm_(q + ring.position_bias, ring.positions[..., start : start + S])  # + (q+v')·r/√D
+        probs = as_dtype(at_least_fp32(logits).softmax(-1), q.dtype)  # (H, 1, N + S)
+        ring.steps += 1
+        return self._merge_heads(torch.bmm(probs, ring.values).view(1, 1, H, D), head_scale, ring.w_o_t)
+
     def macs_per_token(self, context_len: int) -> int:
         """Forward multiply-accumulates per token at S = context_len keys (docs/method.md §1.5 convention).
 
@@ -376,6 +444,13 @@ class RelativeMultiHeadAttention(nn.Module):
         """
         S, N, D = context_len, self.n_persistent, self.d_head
         return self.n_heads * (4 * self.d_model * D + (S + N) * D + S * D + (S + N) * D)
+
+    def reprojection_macs_per_token(self, mem_len: int, tgt_len: int, batch_size: int) -> float:
+        """What the re-projecting path (`forward`) pays per token on top of `macs_per_token`: the M memory rows
+        through W_k and W_v again each segment (M/T · 2·d·D per head) and W_r over the S = M + T position rows once
+        per forward, shared by its B·T tokens (S·d·D / (B·T) per head)."""
+        D, d, S = self.d_head, self.d_model, mem_len + tgt_len
+        return self.n_heads * d * D * (2 * mem_len / tgt_len + S / (batch_size * tgt_len))
 
 
 @dataclass(frozen=True)
@@ -428,3 +503,38 @@ class LayerKVCache:
             head_ids=head_ids, mem_len=self.mem_len,
             persistent=None if self.persistent is None else tuple(t[keep] for t in self.persistent),
         )
+
+
+@dataclass(eq=False)
+class RingKVCache:
+    """One attention module's keys and values while generating one stream (batch 1) one token at a time, in buffers
+    written in place: a step writes its token's key and value over the oldest memory position's, so nothing is
+    concatenated, sliced or reallocated, and the persistent and context slots sit in one buffer, read by one
+    matmul. Built by `RelativeMultiHeadAttention.new_ring_cache` from the stream's memory after its prompt, and
+    private to the generation that built it (mutable, unlike the inference cache). Measured against stepping
+    through the inference cache in docs/performance.md, "Generation".
+
+    With N persistent slots and S = M + 1 context slots (the memory and the token of the step), in ring order:
+    keys: [H, D, N + S], the persistent keys times sqrt(D), then the context keys k_j.
+    values: [H, N + S, D], sqrt(N)·V_n, then the context values.
+    key_bias: [H, 1, N + S], 0 for the persistent slots and u·k_j / sqrt(D) for the context ones, so that one
+        product with the query over sqrt(D) gives q·K_n and (q + u)·k_j / sqrt(D) (the formula of
+        `_attend_reference`).
+    positions: [H, D, 2S], W_r·P for distances S-1 .. 0, twice: at step t the slots' distances are the window
+        starting at -t mod S.
+    w_step_t: [d_model, 3*H*D + H], the step's one projection, transposed: [W_q / sqrt(D); W_k; W_v; w_uk] with
+        w_uk[h] = W_k[h]^T u_h / sqrt(D), so the new key's u-term comes with it.
+    w_o_t: [H*D, d_model], W_o transposed.
+    position_bias: v' / sqrt(D), [H, 1, D].
+    head_ids: the original ids of the heads held; steps: tokens written so far.
+    """
+
+    keys: Tensor
+    values: Tensor
+    key_bias: Tensor
+    positions: Tensor
+    w_step_t: Tensor
+    w_o_t: Tensor
+    position_bias: Tensor
+    head_ids: Tensor
+    steps: int = 0

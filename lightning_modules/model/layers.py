@@ -3,7 +3,8 @@
 Both take the layer input h [B, T, d], the layer's memory [B, M, d] (earlier inputs of this layer, not yet
 normalised), the position-table rows [S, d] and the mask [T, S] the model built for every layer; the same
 LayerNorm normalises h and the memory (docs/method.md §1.2). ``forward_cached`` is the no-grad evaluation path
-that takes the memory's projected keys/values from a :class:`LayerKVCache` instead.
+that takes the memory's projected keys/values from a :class:`LayerKVCache` instead, and ``forward_ring`` the
+one-stream generation step over a :class:`RingKVCache`.
 Each has a :class:`HardConcreteGate` over its heads (used only when the model switches gating on) and a
 ``select_heads_`` that removes heads physically; a layer with no heads left skips its attention sublayer.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from lightning_modules.model.attention import LayerKVCache, RelativeMultiHeadAttention
+from lightning_modules.model.attention import LayerKVCache, RelativeMultiHeadAttention, RingKVCache
 from lightning_modules.model.gates import HardConcreteGate
 from lightning_modules.model.slicing import ParameterSlice, slice_parameter_
 
@@ -64,6 +65,17 @@ class GatedHeadsMixin:
         out, cache = self.attn.forward_cached(self.attn_norm(h), cache, blocked, head_scale)
         return h + self.drop(out), cache
 
+    def new_ring_cache(self, mem: Tensor, pos_rows: Tensor) -> RingKVCache | None:
+        """The :class:`RingKVCache` of one stream's memory ``mem`` [1, M, d] (not normalised) and the position rows
+        [M + 1, d] of a step; None when the layer has no heads left."""
+        return None if self.attn.n_heads == 0 else self.attn.new_ring_cache(self.attn_norm(mem), pos_rows)
+
+    def _ring_attention(self, h: Tensor, ring: RingKVCache | None, head_scale: Tensor | None) -> Tensor:
+        """h + Attn(LN(h), ring) for one token of one stream (eval mode: no dropout); h when no heads are left."""
+        if self.attn.n_heads == 0:
+            return h
+        return h + self.attn.forward_ring(self.attn_norm(h), ring, head_scale)
+
 
 class AllAttentionLayer(GatedHeadsMixin, nn.Module):
     """All-attention layer: h + Drop(Attn(LN(h), LN(mem))), where the attention has persistent key/value
@@ -102,6 +114,10 @@ class AllAttentionLayer(GatedHeadsMixin, nn.Module):
     ) -> tuple[Tensor, LayerKVCache | None]:
         """`forward` with the memory's keys/values from ``cache`` (no-grad evaluation): -> [B, T, d], next cache."""
         return self._cached_attention(h, cache, blocked, head_scale)
+
+    def forward_ring(self, h: Tensor, ring: RingKVCache | None, head_scale: Tensor | None = None) -> Tensor:
+        """One generation step of one stream (eval mode): h [1, 1, d] -> [1, 1, d], ``ring`` advanced in place."""
+        return self._ring_attention(h, ring, head_scale)
 
     def macs_per_token(self, context_len: int) -> int:
         """Forward multiply-accumulates per token (the attention's; LN and residual are not counted)."""
@@ -161,6 +177,11 @@ class TransformerXLLayer(GatedHeadsMixin, nn.Module):
         """`forward` with the memory's keys/values from ``cache`` (no-grad evaluation): -> [B, T, d], next cache."""
         h, cache = self._cached_attention(h, cache, blocked, head_scale)
         return h + self.drop(self.ff(self.ff_norm(h))), cache
+
+    def forward_ring(self, h: Tensor, ring: RingKVCache | None, head_scale: Tensor | None = None) -> Tensor:
+        """One generation step of one stream (eval mode): h [1, 1, d] -> [1, 1, d], ``ring`` advanced in place."""
+        h = self._ring_attention(h, ring, head_scale)
+        return h + self.ff(self.ff_norm(h))
 
     def macs_per_token(self, context_len: int) -> int:
         """Forward multiply-accumulates per token: attention plus the two FF matmuls (2·d·d_inner)."""

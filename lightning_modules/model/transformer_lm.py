@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_modules.model.adaptive import AdaptiveEmbedding, AdaptiveSoftmax
-from lightning_modules.model.attention import LayerKVCache, RelativeMultiHeadAttention, blocked_mask
+from lightning_modules.model.attention import LayerKVCache, RelativeMultiHeadAttention, RingKVCache, blocked_mask
 from lightning_modules.model.config import ATTN_IMPLS, ModelConfig
 from lightning_modules.model.export import PretrainedMixin
 from lightning_modules.model.gates import HardConcreteGate
@@ -296,6 +296,19 @@ class MemoryTransformerLM(nn.Module, PretrainedMixin):
         hiddens, cache = self._through_cache(h, cache, blocked)
         return self.drop_out(hiddens[-1]), cache
 
+    def _new_rings(self, memory: list[Tensor]) -> list[RingKVCache | None]:
+        """Every layer's :class:`RingKVCache` of one stream's ``memory`` (n_layers + 1 tensors [1, M, d])."""
+        pos_rows = self.drop_emb(self.pos_table[-(memory[0].size(1) + 1) :])  # (M + 1, d), distances M .. 0
+        return [layer.new_ring_cache(mem, pos_rows) for layer, mem in zip(self.layers, memory[:-1], strict=True)]
+
+    def _ring_step(self, input_ids: Tensor, rings: list[RingKVCache | None]) -> Tensor:
+        """One generation step of one stream (eval mode) through the layers' ring caches, which it advances in
+        place: ``input_ids`` [1, 1] -> the last hidden state [1, 1, d]."""
+        h = self._embed(input_ids)  # (1, 1, d)
+        for layer, ring in zip(self.layers, rings, strict=True):
+            h = layer.forward_ring(h, ring, head_scale=self._head_scale(layer))
+        return self.drop_out(h)
+
     def _check_memory(self, memory: list[Tensor], batch_size: int) -> None:
         """Raise a ValueError unless memory holds n_layers + 1 tensors [B, M, d] with one common M."""
         if len(memory) != self.n_layers + 1:
@@ -334,7 +347,8 @@ class MemoryTransformerLM(nn.Module, PretrainedMixin):
 
         The prompt is read in segments of tgt_len, then one token at a time, all through the recurrence memory and,
         with `use_cache` (the default), the :class:`InferenceCache`: a step then costs O(d² + (S+N)·d) per layer
-        instead of re-projecting the memory and the position table. Call it in eval mode for deterministic output.
+        instead of re-projecting the memory and the position table; a single stream in eval mode steps through ring
+        buffers written in place (:class:`RingKVCache`). Call it in eval mode for deterministic output.
         `temperature` 0 picks the most likely token; otherwise tokens are sampled (from the `top_k` most likely
         when given), with `generator` if given. The next token is drawn from the adaptive softmax without the full
         vocabulary's distribution wherever the result is exactly the same (see `AdaptiveSoftmax.draw`): greedy,
@@ -346,16 +360,22 @@ class MemoryTransformerLM(nn.Module, PretrainedMixin):
         if max_new_tokens < 0 or temperature < 0 or (top_k is not None and top_k < 1):
             raise ValueError(f"need max_new_tokens >= 0, temperature >= 0, top_k >= 1 or None; got "
                              f"{max_new_tokens}, {temperature}, {top_k}")
+        one_stream = use_cache and prompt_ids.size(0) == 1 and not self.training  # steps through ring caches
         memory, cache = None, None
         for start in range(0, prompt_ids.size(1), self.tgt_len):
-            h, memory, cache = self._hidden(prompt_ids[:, start : start + self.tgt_len], memory, cache, use_cache)
+            h, memory, cache = self._hidden(prompt_ids[:, start : start + self.tgt_len], memory, cache,
+                                            use_cache and not one_stream)
+        rings = self._new_rings(memory) if one_stream and max_new_tokens > 1 else None
+        head_t = self.softmax.transposed_head() if rings is not None else None
         new_tokens = []
         for step in range(max_new_tokens):
-            next_ids = self.softmax.draw(h[:, -1], temperature, top_k, generator)  # (B,)
+            next_ids = self.softmax.draw(h[:, -1], temperature, top_k, generator, head_t)  # (B,)
             new_tokens.append(next_ids)
             if step + 1 == max_new_tokens:
                 break
-            if cache is None:
+            if rings is not None:
+                h = self._ring_step(next_ids[:, None], rings)  # (1, 1, d)
+            elif cache is None:
                 h, memory, _ = self._hidden(next_ids[:, None], memory, None, False)  # (B, 1, d)
             else:
                 h, cache = self._cached_step(next_ids[:, None], cache)  # (B, 1, d)
@@ -555,6 +575,13 @@ class MemoryTransformerLM(nn.Module, PretrainedMixin):
             "softmax_full": softmax["full"],
             "total": sum(per_layer) + softmax["full"],
         }
+
+    def reprojection_macs_per_token(self, batch_size: int) -> float:
+        """MACs per token that evaluating without the inference cache adds to `macs_per_token`, at segments of
+        tgt_len after a full memory of mem_len, batch ``batch_size``: every layer's memory rows through W_k, W_v
+        again and W_r over the position rows (``RelativeMultiHeadAttention.reprojection_macs_per_token``)."""
+        return sum(layer.attn.reprojection_macs_per_token(self.mem_len, self.tgt_len, batch_size)
+                   for layer in self.layers)
 
 
 MemoryTransformerLM.__init__.__signature__ = _keyword_signature()

@@ -94,6 +94,27 @@ def test_a_layer_with_no_heads_left_and_the_cache_checks(layer_type):
         model.train()(x[:, :8], use_cache=True)
 
 
+@pytest.mark.parametrize("layer_type", LAYER_TYPES)
+def test_what_the_cache_saves_is_counted_by_reprojection_macs_per_token(layer_type):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = small_model(layer_type=layer_type, attn_impl="reference")
+    model.prune_heads({0: [1, 2]})
+    model.requires_grad_(False)  # FlopCounterMode's module hooks trip over no-grad views of trainable parameters
+    B, T = 3, model.tgt_len
+    x = torch.randint(0, V, (B, 2 * T))
+    with torch.no_grad():
+        first = model(x[:, :T], use_cache=True)  # a full memory (mem_len = tgt_len here) and its cache
+        flops = {}
+        for name, cache in (("reprojecting", None), ("cached", first.cache)):
+            with FlopCounterMode(display=False) as counter:
+                model(x[:, T:], memory=first.memory, cache=cache)
+            flops[name] = counter.get_total_flops()
+    saved_macs_per_token = (flops["reprojecting"] - flops["cached"]) / 2 / (B * T)
+    assert saved_macs_per_token == pytest.approx(model.reprojection_macs_per_token(B), rel=1e-12)
+    assert model.reprojection_macs_per_token(B) > 0
+
+
 def step_forward_greedy(model: MemoryTransformerLM, prompt: torch.Tensor, n: int) -> torch.Tensor:
     """Greedy continuation by stepping ``model(ids[:, -1:], memory=memory)`` and taking the argmax of log_probs."""
     memory, out = None, None
@@ -121,13 +142,62 @@ def test_greedy_generation_gives_the_tokens_of_stepping_forward(layer_type, impl
     assert torch.equal(model.generate(prompt[:1], 12, temperature=0), step_forward_greedy(model, prompt[:1], 12))
 
 
+@pytest.mark.parametrize("layer_type", LAYER_TYPES)
+def test_the_ring_step_equals_the_cached_step_past_the_ring_wrapping_with_gates(layer_type):
+    model = small_model(layer_type=layer_type).double()
+    model.gates_enabled = True  # eval-mode gates with output scaling: head 1 shut, the others scaled by 4/3
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.gate.log_alpha.copy_(torch.tensor([3.0, -3.0, 3.0, 3.0]))
+        memory = [torch.randn(1, model.mem_len, 32, dtype=torch.double) for _ in range(model.n_layers + 1)]
+        cache = model.init_cache(memory)
+        rings = model._new_rings(memory)
+        for _ in range(2 * model.mem_len + 3):  # the ring (M + 1 = 9 slots) wraps twice
+            ids = torch.randint(0, V, (1, 1))
+            h_cached, cache = model._cached_step(ids, cache)
+            h_ring = model._ring_step(ids, rings)
+            torch.testing.assert_close(h_ring, h_cached, rtol=1e-10, atol=1e-10)
+        assert rings[0].steps == 2 * model.mem_len + 3
+        model.prune_heads({0: [1]})
+        with pytest.raises(ValueError, match="build it again after removing heads"):
+            model._ring_step(ids, rings)
+
+
+@pytest.mark.parametrize("layer_type", LAYER_TYPES)
+def test_one_stream_generation_gated_or_with_an_emptied_layer_gives_the_tokens_of_stepping_forward(layer_type):
+    model = small_model(layer_type=layer_type)
+    prompt = torch.randint(0, V, (1, 11))
+    model.gates_enabled = True
+    with torch.no_grad():
+        model.layers[1].gate.log_alpha.copy_(torch.tensor([-3.0, 3.0, -3.0, 3.0]))
+    assert torch.equal(model.generate(prompt, 20, temperature=0), step_forward_greedy(model, prompt, 20))
+    model.gates_enabled = False
+    model.prune_heads({0: range(4)})  # layer 0 skips its attention
+    assert model.heads_per_layer == [0, 4]
+    assert torch.equal(model.generate(prompt, 20, temperature=0), step_forward_greedy(model, prompt, 20))
+
+
+def test_the_transposed_head_draws_the_same_tokens():
+    model = small_model().double()
+    h = torch.randn(64, 32, dtype=torch.double) * 3
+    head_t = model.softmax.transposed_head()
+    assert head_t[1].shape == (32, 50) and head_t[1].is_contiguous()  # [d_0, c1]: the shortlist is d wide
+    with torch.no_grad():
+        torch.testing.assert_close(model.softmax._head_log_probs(h, head_t), model.softmax._head_log_probs(h),
+                                   rtol=1e-12, atol=1e-12)
+        for temperature, top_k in [(0.0, None), (1.0, None), (1.3, 5), (0.7, None)]:
+            draws = [model.softmax.draw(h[:1], temperature, top_k, torch.Generator().manual_seed(3), t)
+                     for t in (head_t, None)]
+            assert torch.equal(draws[0], draws[1])
+
+
 @pytest.mark.parametrize("temperature, top_k", [(1.0, None), (0.7, None), (1.3, 5), (1.0, 200)])
 def test_sampled_generation_with_and_without_the_cache_is_equal_under_a_fixed_generator(temperature, top_k):
     model = small_model(layer_type="transformer_xl").double()
-    prompt = torch.randint(0, V, (4, 6))
-    draws = [model.generate(prompt, 15, temperature, top_k, torch.Generator().manual_seed(7), use_cache=c)
-             for c in (True, False)]
-    assert torch.equal(draws[0], draws[1])
+    for prompt in (torch.randint(0, V, (4, 6)), torch.randint(0, V, (1, 6))):  # batched, and one stream (ring)
+        draws = [model.generate(prompt, 15, temperature, top_k, torch.Generator().manual_seed(7), use_cache=c)
+                 for c in (True, False)]
+        assert torch.equal(draws[0], draws[1])
 
 
 def test_adaptive_softmax_draws_equal_the_full_distribution():
