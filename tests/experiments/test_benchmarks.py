@@ -66,11 +66,11 @@ def test_the_layer_stack_and_one_layer_repeated_run_the_same_number_of_layer_ste
                                 d_inner=64, tgt_len=8, mem_len=8, cutoffs=[50, 150], div_value=2.0).eval()
     calls = []
     for i, layer in enumerate(model.layers):
-        def spy(h, entry, blocked, i=i, original=layer.forward_cached):
+        def spy(h, ring, i=i, original=layer.forward_ring):
             calls.append(i)
-            return original(h, entry, blocked)
+            return original(h, ring)
 
-        monkeypatch.setattr(layer, "forward_cached", spy)
+        monkeypatch.setattr(layer, "forward_ring", spy)
     fns = layer_stack_fns(model)
     fns["stack"]()
     assert calls == [0, 1, 2]
