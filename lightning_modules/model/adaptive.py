@@ -107,7 +107,7 @@ class AdaptiveSoftmax(nn.Module):
         self.bias = nn.Parameter(torch.zeros(self.bounds[-1]))  # output bias over the whole vocabulary, [V]
 
     def transposed_head(self) -> tuple[Tensor | None, Tensor]:
-        """The head's weights transposed and contiguous, for `draw` over single rows (a generation step): the
+        """The head's weights transposed and contiguous, for `draw` in generation steps: the
         shortlist projection [d, d] (None without one) and the shortlist table [d_0, c1]. MKL runs a product of one
         row faster with the outputs contiguous: a W1 generation step 1.05-1.13x (docs/performance.md, "Generation")."""
         proj_t = None if self.shortlist_proj is None else self.shortlist_proj.weight.t().contiguous()
@@ -165,7 +165,7 @@ class AdaptiveSoftmax(nn.Module):
              generator: torch.Generator | None = None, head_t: tuple[Tensor | None, Tensor] | None = None) -> Tensor:
         """The next token of each row of the last hidden states ``h`` [B, d] -> long [B], computing as little of the
         adaptive softmax as gives exactly the result of the full distribution. ``head_t``: `transposed_head`, built
-        once for the many draws of a one-stream generation.
+        once for the many draws of a generation.
 
         log p(w) = log p_head(cluster) + log p_tail(w | cluster) <= log p_head(cluster), so a tail cluster whose head
         log-probability is below what the shortlist already offers cannot hold the answer and is skipped:

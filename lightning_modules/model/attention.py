@@ -227,7 +227,7 @@ class RelativeMultiHeadAttention(nn.Module):
         if w_o_t is None:
             out = self.o_proj(o.reshape(B, T, H * D))  # (B, T, d)
         else:
-            out = torch.addmm(self.o_proj.bias, o.reshape(1, H * D), w_o_t).view(B, T, -1)  # (1, 1, d)
+            out = torch.addmm(self.o_proj.bias, o.reshape(B * T, H * D), w_o_t).view(B, T, -1)  # (B, T, d)
         if head_scale is None:
             return out
         return out * head_scale.detach().ne(0).any().to(out.dtype)  # a 0-dim factor: no host sync
@@ -375,62 +375,75 @@ class RelativeMultiHeadAttention(nn.Module):
 
     @torch.no_grad()
     def new_ring_cache(self, mem: Tensor, pos_rows: Tensor) -> RingKVCache:
-        """The :class:`RingKVCache` of one stream's normalised memory ``mem`` [1, M, d_model], for `forward_ring`:
-        the memory's keys/values in slots 0..M-1 (oldest first) behind the persistent slots, and W_r applied to
-        ``pos_rows`` [M + 1, d_model], the position-table rows of distances M .. 0."""
-        if mem.size(0) != 1:
-            raise ValueError(f"a ring cache holds one stream; this memory has {mem.size(0)} rows")
+        """The :class:`RingKVCache` of the normalised memory ``mem`` [B, M, d_model], for `forward_ring`: the
+        memory's keys/values in slots 0..M-1 (oldest first), the persistent slots as the steps read them, and W_r
+        applied to ``pos_rows`` [M + 1, d_model], the position-table rows of distances M .. 0."""
         H, D, N = self.n_heads, self.d_head, self.n_persistent
-        M, S, inner = mem.size(1), mem.size(1) + 1, self.n_heads * self.d_head
+        (B, M), S, inner = mem.shape[:2], mem.size(1) + 1, self.n_heads * self.d_head
         if pos_rows.size(0) != S:
             raise ValueError(f"pos_rows has {pos_rows.size(0)} rows; the ring needs M + 1 = {S}")
         scale = D**-0.5
         w_q, w_k, w_v = (as_dtype(p, mem.dtype) for p in (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight))
         w_uk = torch.einsum("hd,hdi->hi", as_dtype(self.content_bias, mem.dtype) * scale, w_k.view(H, D, -1))  # (H, d)
-        # transposed: a step's projection is a product of one row, which MKL runs faster with the outputs contiguous
-        # (a W1 step 1.05-1.10x; docs/performance.md, "Generation")
-        w_step_t = torch.cat([w_q.t() * scale, w_k.t(), w_v.t(), w_uk.t()], 1)  # (d, 3*H*D + H)
-        kvb = mem[0] @ w_step_t[:, inner:]  # (M, 2*H*D + H): k, v and u·k / sqrt(D) of the memory rows
-        keys, values = mem.new_empty(H, D, N + S), mem.new_empty(H, N + S, D)  # slot N + M is written first
-        key_bias = mem.new_zeros(H, 1, N + S)
-        if N > 0:
-            torch.mul(self.persistent_k.mT, D**0.5, out=keys[:, :, :N])  # times the 1/sqrt(D) of the query
-            torch.mul(self.persistent_v, N**0.5, out=values[:, :N])
-        keys[:, :, N : N + M] = kvb[:, :inner].view(M, H, D).permute(1, 2, 0)
-        values[:, N : N + M] = kvb[:, inner : 2 * inner].view(M, H, D).transpose(0, 1)
-        key_bias[:, 0, N : N + M] = kvb[:, 2 * inner :].t()
-        positions = self.r_proj(pos_rows).view(S, H, D).permute(1, 2, 0)  # (H, D, S)
-        positions = torch.cat([positions, positions], -1)  # (H, D, 2S): every rotation of the rows is a window
-        return RingKVCache(keys=keys, values=values, key_bias=key_bias, positions=positions, w_step_t=w_step_t,
+        # transposed: at batch 1 a step's projection is a product of one row, which MKL runs faster with the outputs
+        # contiguous (docs/performance.md, "Generation")
+        w_step_t = torch.cat([w_q.t(), w_k.t() * scale, w_v.t(), w_uk.t()], 1)  # (d, 3*H*D + H)
+        kvb = mem @ w_step_t[:, inner:]  # (B, M, 2*H*D + H): k / sqrt(D), v and u·k / sqrt(D) of the memory rows
+        persistent_k = as_dtype(self.persistent_k, mem.dtype).mT if N > 0 else None  # (H, D, N)
+        persistent_v = as_dtype(self.persistent_v * N**0.5, mem.dtype) if N > 0 else None  # (H, N, D): sqrt(N)·V
+        # one stream: the persistent slots are copied in front of the context ones, so that one product covers both;
+        # for B rows they would be copied and read B times, so they stay apart, shared by the rows
+        P = N if B == 1 else 0
+        keys, values = mem.new_empty(H, B, D, P + S), mem.new_empty(H, B, P + S, D)  # slot P + M is written first
+        key_bias = mem.new_zeros(H, B, 1, P + S)
+        if P > 0:
+            keys[:, 0, :, :P], values[:, 0, :P] = persistent_k, persistent_v
+            persistent_k = persistent_v = None
+        keys[..., P : P + M] = kvb[..., :inner].view(B, M, H, D).permute(2, 0, 3, 1)
+        values[:, :, P : P + M] = kvb[..., inner : 2 * inner].view(B, M, H, D).permute(2, 0, 1, 3)
+        key_bias[:, :, 0, P : P + M] = kvb[..., 2 * inner :].permute(2, 0, 1)
+        persistent = None if persistent_k is None else (persistent_k.contiguous(), persistent_v)
+        positions = (self.r_proj(pos_rows) * scale).view(S, H, D).permute(1, 2, 0)  # (H, D, S)
+        return RingKVCache(keys=keys, values=values, key_bias=key_bias,
+                           positions=torch.cat([positions, positions], -1), w_step_t=w_step_t,
                            w_o_t=as_dtype(self.o_proj.weight.t().contiguous(), mem.dtype),
-                           position_bias=(as_dtype(self.position_bias, mem.dtype) * scale)[:, None],
+                           position_bias=as_dtype(self.position_bias, mem.dtype)[:, None], persistent=persistent,
                            head_ids=self.head_ids)
 
     def forward_ring(self, x: Tensor, ring: RingKVCache, head_scale: Tensor | None = None) -> Tensor:
-        """One generation step of one stream: the normalised token x [1, 1, d_model] attends to the ring's memory
-        positions, itself and the persistent slots; its key and value are written into the ring in place of the
-        oldest position's. The same function as `forward_cached` of one token (tested equal), in about a third of
-        the dispatches: content and persistent logits are one `baddbmm` over [K_n | k_j / sqrt(D)] with the u·k_j
-        terms kept per slot, the position logits another, added in place, over the window of the doubled position
-        rows that matches the slots' order, and the weighted sum one `bmm`. -> [1, 1, d_model]."""
+        """One generation step: the normalised tokens x [B, 1, d_model] attend to the ring's memory positions, their
+        own and the persistent slots; their keys and values are written into the ring over the oldest position's.
+        The same function as `forward_cached` of one token (tested equal), without concatenating, slicing or
+        re-laying out the keys/values: the step's one projection gives q, k / sqrt(D), v and the u·k / sqrt(D)
+        term, the position logits come from the window of the doubled position rows that matches the slots' order,
+        and the persistent keys/values are read once for the whole batch. -> [B, 1, d_model]."""
         if ring.head_ids is not self.head_ids:  # select_heads_ replaces head_ids: a removal since it was built
             raise ValueError(f"the ring cache holds heads {ring.head_ids.tolist()}, the module "
                              f"{self.head_ids.tolist()}: build it again after removing heads")
         H, D, N = self.n_heads, self.d_head, self.n_persistent
-        S = ring.positions.size(-1) // 2
-        slot = N + (S - 1 + ring.steps) % S  # the oldest position's slot (the free one at the first step)
-        inner = H * D
-        out = x.view(1, -1) @ ring.w_step_t  # (1, 3*H*D + H): q / sqrt(D), k, v and u·k / sqrt(D)
-        q, k, v = out[:, : 3 * inner].view(3, H, 1, D)  # (H, 1, D) each
-        ring.keys[:, :, slot : slot + 1] = k.mT
-        ring.values[:, slot : slot + 1] = v
-        ring.key_bias[:, :, slot : slot + 1] = out[:, 3 * inner :].view(H, 1, 1)
-        logits = torch.baddbmm(ring.key_bias, q, ring.keys)  # (H, 1, N + S): q·K_n and (q + u)·k_j / sqrt(D)
+        B, S, inner = x.size(0), ring.positions.size(-1) // 2, self.n_heads * self.d_head
+        P = ring.keys.size(-1) - S  # persistent slots held in the ring (one stream), else 0
+        slot = P + (S - 1 + ring.steps) % S  # the oldest position's slot (the free one at the first step)
+        out = x.view(B, -1) @ ring.w_step_t  # (B, 3*H*D + H)
+        q, k, v = out[:, : 3 * inner].view(B, 3, H, D).permute(1, 2, 0, 3)  # (H, B, D) each
+        ring.keys[..., slot] = k
+        ring.values[:, :, slot] = v
+        ring.key_bias[:, :, 0, slot] = out[:, 3 * inner :].t()
+        q_rows = q.reshape(H * B, 1, D)
+        logits = torch.baddbmm(ring.key_bias.view(H * B, 1, P + S), q_rows, ring.keys.view(H * B, D, P + S))
         start = -ring.steps % S  # the window of the doubled rows that puts each slot's distance at the slot
-        logits[..., N:].baddbmm_(q + ring.position_bias, ring.positions[..., start : start + S])  # + (q+v')·r/√D
-        probs = as_dtype(at_least_fp32(logits).softmax(-1), q.dtype)  # (H, 1, N + S)
+        logits[..., P:].view(H, B, S).baddbmm_(q + ring.position_bias, ring.positions[..., start : start + S])
+        if ring.persistent is None:  # all slots in the ring: q·K_n, (q + u)·k_j / sqrt(D) + (q + v')·r / sqrt(D)
+            probs = as_dtype(at_least_fp32(logits).softmax(-1), q.dtype)  # (H*B, 1, P + S)
+            o = torch.bmm(probs, ring.values.view(H * B, P + S, D))  # (H*B, 1, D)
+        else:  # the persistent slots shared by the rows
+            persistent_k, persistent_v = ring.persistent
+            logits = torch.cat([torch.bmm(q, persistent_k), logits.view(H, B, S)], -1)  # (H, B, N + S)
+            probs = as_dtype(at_least_fp32(logits).softmax(-1), q.dtype)
+            o = torch.bmm(probs[..., :N], persistent_v)  # (H, B, D)
+            o.view(H * B, 1, D).baddbmm_(probs[..., N:].reshape(H * B, 1, S), ring.values.view(H * B, S, D))
         ring.steps += 1
-        return self._merge_heads(torch.bmm(probs, ring.values).view(1, 1, H, D), head_scale, ring.w_o_t)
+        return self._merge_heads(o.view(H, B, 1, D).permute(1, 2, 0, 3), head_scale, ring.w_o_t)
 
     def macs_per_token(self, context_len: int) -> int:
         """Forward multiply-accumulates per token at S = context_len keys (docs/method.md §1.5 convention).
@@ -507,25 +520,26 @@ class LayerKVCache:
 
 @dataclass(eq=False)
 class RingKVCache:
-    """One attention module's keys and values while generating one stream (batch 1) one token at a time, in buffers
-    written in place: a step writes its token's key and value over the oldest memory position's, so nothing is
-    concatenated, sliced or reallocated, and the persistent and context slots sit in one buffer, read by one
-    matmul. Built by `RelativeMultiHeadAttention.new_ring_cache` from the stream's memory after its prompt, and
-    private to the generation that built it (mutable, unlike the inference cache). Measured against stepping
-    through the inference cache in docs/performance.md, "Generation".
+    """One attention module's keys and values while generating, one token per row and step, in buffers written in
+    place: a step writes its tokens' keys and values over the oldest memory position's, so nothing is concatenated,
+    sliced or laid out anew (as :class:`LayerKVCache` steps do). Built by `RelativeMultiHeadAttention.new_ring_cache`
+    from the memory after the prompt, and private to the generation that built it (mutable, unlike the inference
+    cache). Measured against stepping through the inference cache in docs/performance.md, "Generation".
 
-    With N persistent slots and S = M + 1 context slots (the memory and the token of the step), in ring order:
-    keys: [H, D, N + S], the persistent keys times sqrt(D), then the context keys k_j.
-    values: [H, N + S, D], sqrt(N)·V_n, then the context values.
-    key_bias: [H, 1, N + S], 0 for the persistent slots and u·k_j / sqrt(D) for the context ones, so that one
-        product with the query over sqrt(D) gives q·K_n and (q + u)·k_j / sqrt(D) (the formula of
-        `_attend_reference`).
-    positions: [H, D, 2S], W_r·P for distances S-1 .. 0, twice: at step t the slots' distances are the window
-        starting at -t mod S.
-    w_step_t: [d_model, 3*H*D + H], the step's one projection, transposed: [W_q / sqrt(D); W_k; W_v; w_uk] with
-        w_uk[h] = W_k[h]^T u_h / sqrt(D), so the new key's u-term comes with it.
+    With S = M + 1 context slots (the memory and the token of the step) in ring order, B rows and N persistent
+    slots, of which P are held in the ring (N for one stream, whose one product then covers both kinds, else 0):
+    keys: [H, B, D, P + S], the persistent keys K_n, then the context keys over sqrt(D).
+    values: [H, B, P + S, D], sqrt(N)·V_n, then the context values.
+    key_bias: [H, B, 1, P + S], 0 for the persistent slots and u·k_j / sqrt(D) for the context ones, so that one
+        product with the query gives q·K_n and (q + u)·k_j / sqrt(D) (the formula of `_attend_reference`).
+    positions: [H, D, 2S], W_r·P for distances S-1 .. 0 over sqrt(D), twice: at step t the slots' distances are the
+        window starting at -t mod S.
+    w_step_t: [d_model, 3*H*D + H], the step's one projection, transposed: [W_q; W_k / sqrt(D); W_v; w_uk] with
+        w_uk[h] = W_k[h]^T u_h / sqrt(D), so each new key's u-term comes with it.
     w_o_t: [H*D, d_model], W_o transposed.
-    position_bias: v' / sqrt(D), [H, 1, D].
+    position_bias: v', [H, 1, D].
+    persistent: (K_n transposed [H, D, N], sqrt(N)·V_n [H, N, D]) shared by the rows, or None (none, or in the
+        ring).
     head_ids: the original ids of the heads held; steps: tokens written so far.
     """
 
@@ -536,5 +550,6 @@ class RingKVCache:
     w_step_t: Tensor
     w_o_t: Tensor
     position_bias: Tensor
+    persistent: tuple[Tensor, Tensor] | None
     head_ids: Tensor
     steps: int = 0

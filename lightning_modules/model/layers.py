@@ -4,7 +4,7 @@ Both take the layer input h [B, T, d], the layer's memory [B, M, d] (earlier inp
 normalised), the position-table rows [S, d] and the mask [T, S] the model built for every layer; the same
 LayerNorm normalises h and the memory (docs/method.md §1.2). ``forward_cached`` is the no-grad evaluation path
 that takes the memory's projected keys/values from a :class:`LayerKVCache` instead, and ``forward_ring`` the
-one-stream generation step over a :class:`RingKVCache`.
+generation step over a :class:`RingKVCache`.
 Each has a :class:`HardConcreteGate` over its heads (used only when the model switches gating on) and a
 ``select_heads_`` that removes heads physically; a layer with no heads left skips its attention sublayer.
 """
@@ -66,12 +66,12 @@ class GatedHeadsMixin:
         return h + self.drop(out), cache
 
     def new_ring_cache(self, mem: Tensor, pos_rows: Tensor) -> RingKVCache | None:
-        """The :class:`RingKVCache` of one stream's memory ``mem`` [1, M, d] (not normalised) and the position rows
+        """The :class:`RingKVCache` of this layer's memory ``mem`` [B, M, d] (not normalised) and the position rows
         [M + 1, d] of a step; None when the layer has no heads left."""
         return None if self.attn.n_heads == 0 else self.attn.new_ring_cache(self.attn_norm(mem), pos_rows)
 
     def _ring_attention(self, h: Tensor, ring: RingKVCache | None, head_scale: Tensor | None) -> Tensor:
-        """h + Attn(LN(h), ring) for one token of one stream (eval mode: no dropout); h when no heads are left."""
+        """h + Attn(LN(h), ring) for one token per row (eval mode: no dropout); h when no heads are left."""
         if self.attn.n_heads == 0:
             return h
         return h + self.attn.forward_ring(self.attn_norm(h), ring, head_scale)
@@ -116,7 +116,7 @@ class AllAttentionLayer(GatedHeadsMixin, nn.Module):
         return self._cached_attention(h, cache, blocked, head_scale)
 
     def forward_ring(self, h: Tensor, ring: RingKVCache | None, head_scale: Tensor | None = None) -> Tensor:
-        """One generation step of one stream (eval mode): h [1, 1, d] -> [1, 1, d], ``ring`` advanced in place."""
+        """One generation step (eval mode): h [B, 1, d] -> [B, 1, d], ``ring`` advanced in place."""
         return self._ring_attention(h, ring, head_scale)
 
     def macs_per_token(self, context_len: int) -> int:
@@ -179,7 +179,7 @@ class TransformerXLLayer(GatedHeadsMixin, nn.Module):
         return h + self.drop(self.ff(self.ff_norm(h))), cache
 
     def forward_ring(self, h: Tensor, ring: RingKVCache | None, head_scale: Tensor | None = None) -> Tensor:
-        """One generation step of one stream (eval mode): h [1, 1, d] -> [1, 1, d], ``ring`` advanced in place."""
+        """One generation step (eval mode): h [B, 1, d] -> [B, 1, d], ``ring`` advanced in place."""
         h = self._ring_attention(h, ring, head_scale)
         return h + self.ff(self.ff_norm(h))
 

@@ -286,25 +286,15 @@ class MemoryTransformerLM(nn.Module, PretrainedMixin):
             entries.append(entry)
         return hiddens, InferenceCache(tuple(entries))
 
-    def _cached_step(self, input_ids: Tensor, cache: InferenceCache) -> tuple[Tensor, InferenceCache]:
-        """One generation step through the cache alone: ``input_ids`` [B, 1] -> the last hidden state [B, 1, d] and
-        the next cache. The hidden-state memory that `forward` also returns is not kept (nothing reads it while
-        generating), which saves three dispatches per stored tensor."""
-        h = self._embed(input_ids)  # (B, 1, d)
-        n_mem = cache.length or 0  # None: no layer has heads, none reads the mask
-        blocked = blocked_mask(1, n_mem, self.config.same_length, h.device)  # (1, M + 1)
-        hiddens, cache = self._through_cache(h, cache, blocked)
-        return self.drop_out(hiddens[-1]), cache
-
     def _new_rings(self, memory: list[Tensor]) -> list[RingKVCache | None]:
-        """Every layer's :class:`RingKVCache` of one stream's ``memory`` (n_layers + 1 tensors [1, M, d])."""
+        """Every layer's :class:`RingKVCache` of ``memory`` (n_layers + 1 tensors [B, M, d])."""
         pos_rows = self.drop_emb(self.pos_table[-(memory[0].size(1) + 1) :])  # (M + 1, d), distances M .. 0
         return [layer.new_ring_cache(mem, pos_rows) for layer, mem in zip(self.layers, memory[:-1], strict=True)]
 
     def _ring_step(self, input_ids: Tensor, rings: list[RingKVCache | None]) -> Tensor:
-        """One generation step of one stream (eval mode) through the layers' ring caches, which it advances in
-        place: ``input_ids`` [1, 1] -> the last hidden state [1, 1, d]."""
-        h = self._embed(input_ids)  # (1, 1, d)
+        """One generation step (eval mode) through the layers' ring caches, which it advances in place:
+        ``input_ids`` [B, 1] -> the last hidden state [B, 1, d]."""
+        h = self._embed(input_ids)  # (B, 1, d)
         for layer, ring in zip(self.layers, rings, strict=True):
             h = layer.forward_ring(h, ring, head_scale=self._head_scale(layer))
         return self.drop_out(h)
@@ -345,10 +335,10 @@ class MemoryTransformerLM(nn.Module, PretrainedMixin):
     ) -> Tensor:
         """Continue each row of `prompt_ids` [B, P] by `max_new_tokens` tokens -> [B, max_new_tokens].
 
-        The prompt is read in segments of tgt_len, then one token at a time, all through the recurrence memory and,
-        with `use_cache` (the default), the :class:`InferenceCache`: a step then costs O(d² + (S+N)·d) per layer
-        instead of re-projecting the memory and the position table; a single stream in eval mode steps through ring
-        buffers written in place (:class:`RingKVCache`). Call it in eval mode for deterministic output.
+        The prompt is read in segments of tgt_len through the recurrence memory, then one token at a time: with
+        `use_cache` (the default; eval mode only) through every layer's :class:`RingKVCache`, the memory's
+        projected keys/values in buffers written in place, so a step costs O(d² + (S+N)·d) per layer; without it
+        through ``forward``'s path, which re-projects the memory and the position rows at every step.
         `temperature` 0 picks the most likely token; otherwise tokens are sampled (from the `top_k` most likely
         when given), with `generator` if given. The next token is drawn from the adaptive softmax without the full
         vocabulary's distribution wherever the result is exactly the same (see `AdaptiveSoftmax.draw`): greedy,
@@ -360,12 +350,12 @@ class MemoryTransformerLM(nn.Module, PretrainedMixin):
         if max_new_tokens < 0 or temperature < 0 or (top_k is not None and top_k < 1):
             raise ValueError(f"need max_new_tokens >= 0, temperature >= 0, top_k >= 1 or None; got "
                              f"{max_new_tokens}, {temperature}, {top_k}")
-        one_stream = use_cache and prompt_ids.size(0) == 1 and not self.training  # steps through ring caches
-        memory, cache = None, None
+        if use_cache and self.training:
+            raise ValueError("cached generation is for evaluation: call model.eval(), or pass use_cache=False")
+        memory = None
         for start in range(0, prompt_ids.size(1), self.tgt_len):
-            h, memory, cache = self._hidden(prompt_ids[:, start : start + self.tgt_len], memory, cache,
-                                            use_cache and not one_stream)
-        rings = self._new_rings(memory) if one_stream and max_new_tokens > 1 else None
+            h, memory, _ = self._hidden(prompt_ids[:, start : start + self.tgt_len], memory, None, False)
+        rings = self._new_rings(memory) if use_cache and max_new_tokens > 1 else None
         head_t = self.softmax.transposed_head() if rings is not None else None
         new_tokens = []
         for step in range(max_new_tokens):
@@ -373,12 +363,10 @@ class MemoryTransformerLM(nn.Module, PretrainedMixin):
             new_tokens.append(next_ids)
             if step + 1 == max_new_tokens:
                 break
-            if rings is not None:
-                h = self._ring_step(next_ids[:, None], rings)  # (1, 1, d)
-            elif cache is None:
+            if rings is None:
                 h, memory, _ = self._hidden(next_ids[:, None], memory, None, False)  # (B, 1, d)
             else:
-                h, cache = self._cached_step(next_ids[:, None], cache)  # (B, 1, d)
+                h = self._ring_step(next_ids[:, None], rings)  # (B, 1, d)
         return torch.stack(new_tokens, 1) if new_tokens else prompt_ids.new_zeros(prompt_ids.size(0), 0)
 
     # ------------------------------------------------------------------------------------ introspection

@@ -142,21 +142,23 @@ def test_greedy_generation_gives_the_tokens_of_stepping_forward(layer_type, impl
     assert torch.equal(model.generate(prompt[:1], 12, temperature=0), step_forward_greedy(model, prompt[:1], 12))
 
 
+@pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("layer_type", LAYER_TYPES)
-def test_the_ring_step_equals_the_cached_step_past_the_ring_wrapping_with_gates(layer_type):
+def test_the_ring_step_equals_the_cached_forward_past_the_ring_wrapping_with_gates(layer_type, batch):
     model = small_model(layer_type=layer_type).double()
     model.gates_enabled = True  # eval-mode gates with output scaling: head 1 shut, the others scaled by 4/3
     with torch.no_grad():
         for layer in model.layers:
             layer.gate.log_alpha.copy_(torch.tensor([3.0, -3.0, 3.0, 3.0]))
-        memory = [torch.randn(1, model.mem_len, 32, dtype=torch.double) for _ in range(model.n_layers + 1)]
+        memory = [torch.randn(batch, model.mem_len, 32, dtype=torch.double) for _ in range(model.n_layers + 1)]
         cache = model.init_cache(memory)
         rings = model._new_rings(memory)
         for _ in range(2 * model.mem_len + 3):  # the ring (M + 1 = 9 slots) wraps twice
-            ids = torch.randint(0, V, (1, 1))
-            h_cached, cache = model._cached_step(ids, cache)
-            h_ring = model._ring_step(ids, rings)
-            torch.testing.assert_close(h_ring, h_cached, rtol=1e-10, atol=1e-10)
+            ids = torch.randint(0, V, (batch, 1))
+            out = model(ids, memory=memory, cache=cache)
+            memory, cache = out.memory, out.cache
+            torch.testing.assert_close(model.softmax.log_probs(model._ring_step(ids, rings)), out.log_probs,
+                                       rtol=1e-10, atol=1e-10)
         assert rings[0].steps == 2 * model.mem_len + 3
         model.prune_heads({0: [1]})
         with pytest.raises(ValueError, match="build it again after removing heads"):
@@ -164,9 +166,9 @@ def test_the_ring_step_equals_the_cached_step_past_the_ring_wrapping_with_gates(
 
 
 @pytest.mark.parametrize("layer_type", LAYER_TYPES)
-def test_one_stream_generation_gated_or_with_an_emptied_layer_gives_the_tokens_of_stepping_forward(layer_type):
+def test_generation_gated_or_with_an_emptied_layer_gives_the_tokens_of_stepping_forward(layer_type):
     model = small_model(layer_type=layer_type)
-    prompt = torch.randint(0, V, (1, 11))
+    prompt = torch.randint(0, V, (2, 11))
     model.gates_enabled = True
     with torch.no_grad():
         model.layers[1].gate.log_alpha.copy_(torch.tensor([-3.0, 3.0, -3.0, 3.0]))
@@ -194,7 +196,7 @@ def test_the_transposed_head_draws_the_same_tokens():
 @pytest.mark.parametrize("temperature, top_k", [(1.0, None), (0.7, None), (1.3, 5), (1.0, 200)])
 def test_sampled_generation_with_and_without_the_cache_is_equal_under_a_fixed_generator(temperature, top_k):
     model = small_model(layer_type="transformer_xl").double()
-    for prompt in (torch.randint(0, V, (4, 6)), torch.randint(0, V, (1, 6))):  # batched, and one stream (ring)
+    for prompt in (torch.randint(0, V, (4, 6)), torch.randint(0, V, (1, 6))):
         draws = [model.generate(prompt, 15, temperature, top_k, torch.Generator().manual_seed(7), use_cache=c)
                  for c in (True, False)]
         assert torch.equal(draws[0], draws[1])
