@@ -3,8 +3,9 @@ per-head persistent key/value slots (docs/method.md §1.1, §1.2).
 
 Read top-down: the mask and relative-position helpers; :class:`RelativeMultiHeadAttention`, whose
 ``_attend_reference`` is the formula written out, followed by the two fast cores tested equal to it (``sdpa`` and
-``joint``); then :class:`LayerKVCache`, the projected memory keys/values that no-grad evaluation and generation
-reuse from one segment to the next instead of re-projecting the memory.
+``joint``); then :class:`LayerKVCache`, the projected memory keys/values that no-grad evaluation reuses from one
+segment to the next instead of re-projecting the memory, and :class:`RingKVCache`, the same for generation, in
+buffers a step writes in place.
 
 Notation: B batch, T segment (query) length, M memory length, S = M + T keys from context, H heads, D = d_head,
 N persistent slots per head.
@@ -100,11 +101,12 @@ class RelativeMultiHeadAttention(nn.Module):
     einsum and autograd softmax, the plain formula the others are tested against), "sdpa"
     (F.scaled_dot_product_attention with an additive float bias, for fused GPU kernels), "joint" (one softmax over
     context and persistent slots with a hand-written backward, see `joint_attention`; the fastest on CPU) or
-    "auto" ("joint" on CPU, "sdpa" on other devices). Except for "reference", a single query (a batch-1
-    generation step) takes `_attend_one_query`, the same formula without mask or shift.
+    "auto" ("joint" on CPU, "sdpa" on other devices). Except for "reference", a single query (one token at
+    batch 1) takes `_attend_one_query`, the same formula without mask or shift.
 
     `forward` projects [memory; segment] afresh (training, and whenever gradients are on); `forward_cached` takes
-    the memory's keys/values from a :class:`LayerKVCache` (no-grad evaluation and generation).
+    the memory's keys/values from a :class:`LayerKVCache` (no-grad evaluation); `forward_ring` is a generation
+    step over a :class:`RingKVCache`.
     """
 
     def __init__(
@@ -205,7 +207,7 @@ class RelativeMultiHeadAttention(nn.Module):
             raise ValueError(f"blocked is {tuple(blocked.shape)}, needs [T, S] = {[T, kv.size(1)]}")
         r = r.view(-1, H, D).transpose(0, 1)  # (H, S, D)
         impl = resolve_impl(self.impl, q.device)
-        if B * T == 1 and impl != "reference":  # one query in all: a batch-1 generation step
+        if B * T == 1 and impl != "reference":  # one query in all: one token at batch 1
             o = self._attend_one_query(q, kv, r, persistent)  # (H, B, 1, D)
             o = o.permute(1, 2, 0, 3)  # (B, 1, H, D)
         elif impl == "joint":
@@ -306,7 +308,7 @@ class RelativeMultiHeadAttention(nn.Module):
 
     def _attend_one_query(self, q: Tensor, kv: Tensor, r: Tensor,
                           persistent: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        """The core for a single query in all (batch 1, one token: a generation step): the same function as
+        """The core for a single query in all (batch 1, one token, as stepping `forward`): the same function as
         `_attend_reference`, written as a few matmuls over views of the projections. With T = 1 the mask keeps every
         key under both `same_length` settings (the query sees its S - 1 memory positions and itself) and the
         relative shift is the identity (key j takes position row j), so neither is applied, and the fused kernels'
@@ -450,10 +452,10 @@ class RelativeMultiHeadAttention(nn.Module):
 
         Per head: 4·d·D (q, k, v and o projections, one row each per token) + (S+N)·D (content and
         persistent logits) + S·D (position logits) + (S+N)·D (weighted sum of values). This is exactly what
-        the cached path (`forward_cached`, no-grad evaluation and generation) pays. The re-projecting path
-        (`forward`, always used in training) also projects the M memory rows again each segment
+        the cached paths (`forward_cached` in no-grad evaluation, `forward_ring` in generation) pay. The
+        re-projecting path (`forward`, always used in training) also projects the M memory rows again each segment
         (+ M/T · 2·d·D per head and token) and W_r over the S position rows (once per forward, independent of
-        the batch); neither is counted.
+        the batch); `reprojection_macs_per_token` counts those.
         """
         S, N, D = context_len, self.n_persistent, self.d_head
         return self.n_heads * (4 * self.d_model * D + (S + N) * D + S * D + (S + N) * D)

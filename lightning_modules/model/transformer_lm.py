@@ -47,7 +47,8 @@ class LMOutput:
 
 @dataclass(frozen=True)
 class InferenceCache:
-    """The projected keys/values of every layer's memory positions, for no-grad evaluation and generation: a
+    """The projected keys/values of every layer's memory positions, for no-grad evaluation (generation steps
+    through :class:`RingKVCache` instead, built from the memory after the prompt): a
     forward given one projects only its own segment (see :class:`LayerKVCache`) and returns the next one in
     ``LMOutput.cache``. It goes beside the hidden-state ``memory``, which stays the recurrence state that outside
     code passes back; both describe the same positions. Immutable and explicit, so every stream (or DDP rank)
@@ -547,9 +548,9 @@ class MemoryTransformerLM(nn.Module, PretrainedMixin):
         (N = 0 there). The adaptive softmax: `softmax_head` (shortlist + cluster logits, always paid),
         `softmax_tails` (per tail cluster) and `softmax_full` (all clusters, as for full log-probs).
         `total` = layers + softmax_full. Embedding lookups, LayerNorms and W_r·P (once per forward, not per
-        token) are not counted. The layer figures are what the cached path (``InferenceCache``: no-grad
-        evaluation, generation) pays per token; the re-projecting path also projects the memory rows again
-        (see ``RelativeMultiHeadAttention.macs_per_token``).
+        token) are not counted. The layer figures are what the cached paths (``InferenceCache`` in no-grad
+        evaluation, ``RingKVCache`` in generation) pay per token; the re-projecting path also projects the memory
+        rows again (`reprojection_macs_per_token`).
         """
         S = self.mem_len + self.tgt_len
         per_layer = [layer.macs_per_token(S) for layer in self.layers]
