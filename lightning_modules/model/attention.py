@@ -391,20 +391,21 @@ class RelativeMultiHeadAttention(nn.Module):
         # contiguous (docs/performance.md, "Generation")
         w_step_t = torch.cat([w_q.t(), w_k.t() * scale, w_v.t(), w_uk.t()], 1)  # (d, 3*H*D + H)
         kvb = mem @ w_step_t[:, inner:]  # (B, M, 2*H*D + H): k / sqrt(D), v and u·k / sqrt(D) of the memory rows
-        persistent_k = as_dtype(self.persistent_k, mem.dtype).mT if N > 0 else None  # (H, D, N)
-        persistent_v = as_dtype(self.persistent_v * N**0.5, mem.dtype) if N > 0 else None  # (H, N, D): sqrt(N)·V
         # one stream: the persistent slots are copied in front of the context ones, so that one product covers both;
         # for B rows they would be copied and read B times, so they stay apart, shared by the rows
         P = N if B == 1 else 0
         keys, values = mem.new_empty(H, B, D, P + S), mem.new_empty(H, B, P + S, D)  # slot P + M is written first
         key_bias = mem.new_zeros(H, B, 1, P + S)
+        persistent = None
         if P > 0:
-            keys[:, 0, :, :P], values[:, 0, :P] = persistent_k, persistent_v
-            persistent_k = persistent_v = None
+            keys[:, 0, :, :P] = self.persistent_k.mT
+            torch.mul(self.persistent_v, N**0.5, out=values[:, 0, :P])  # sqrt(N)·V
+        elif N > 0:  # K transposed for the product with the queries
+            persistent = (as_dtype(self.persistent_k, mem.dtype).mT.contiguous(),
+                          as_dtype(self.persistent_v * N**0.5, mem.dtype))
         keys[..., P : P + M] = kvb[..., :inner].view(B, M, H, D).permute(2, 0, 3, 1)
         values[:, :, P : P + M] = kvb[..., inner : 2 * inner].view(B, M, H, D).permute(2, 0, 1, 3)
         key_bias[:, :, 0, P : P + M] = kvb[..., 2 * inner :].permute(2, 0, 1)
-        persistent = None if persistent_k is None else (persistent_k.contiguous(), persistent_v)
         positions = (self.r_proj(pos_rows) * scale).view(S, H, D).permute(1, 2, 0)  # (H, D, S)
         return RingKVCache(keys=keys, values=values, key_bias=key_bias,
                            positions=torch.cat([positions, positions], -1), w_step_t=w_step_t,
