@@ -22,7 +22,7 @@ only the first stages (the baselines can train while the rest is prepared). With
 report and the exact command and hardware are copied there as well.
 
 Scales (``--scale``): ``wt2-cpu``, 2-layer WikiText-2 models (d 64, 4 heads of 16) trained for 9.8 epochs to a
-plateau, 3 seeds, 105 minutes on 2 CPU cores with ``--jobs 2`` (results, time and caveats:
+plateau, 3 seeds, about 2 hours on 2 CPU cores with ``--jobs 2`` (results, time and caveats:
 experiments/results/wt2-cpu/README.md); ``wt103-gpu``, the paper's 16-layer WikiText-103 recipes, one seed, the
 recipes' learning rates, for a GPU node (pass ``--trainer.devices=8`` etc.):
 
@@ -90,7 +90,7 @@ SCALES = {
     "wt2-cpu": Scale(
         dense={t: EXP / "wt2" / f"{t}_2l.yaml" for t in LAYER_TYPES},
         prune={t: EXP / "wt2" / "all_attention_2l_prune.yaml" for t in LAYER_TYPES},  # layer_type overridden
-        dense_steps=40000, prune_steps=600, val_every=2000, seeds=(0, 1, 2), seeded_targets=(0.43,),
+        dense_steps=40000, prune_steps=600, val_every=2000, seeds=(0, 1, 2), seeded_targets=(0.25, 0.43, 0.6),
         lrs=(0.002, 0.004, 0.008, 0.016), sweep_steps=2000, decay_fraction=0.8,
         args=["--trainer.limit_val_batches=100"]),
     "wt103-gpu": Scale(
