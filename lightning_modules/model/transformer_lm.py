@@ -26,6 +26,12 @@ from lightning_modules.model.gates import HardConcreteGate
 from lightning_modules.model.layers import AllAttentionLayer, FeedForward, TransformerXLLayer
 from lightning_modules.model.slicing import ParameterSlice
 
+# Building the ring caches (and the transposed softmax head) costs about two steps without them on W1 (6-7 ms against
+# 3.5-4.4 ms per re-projecting step, batch 1): 3 new tokens took 0.70-0.75x the time of the previous decode path
+# with them and 0.78-0.83x without, so fewer than 4 step without them (docs/performance.md, "Generation"). The
+# tokens are the same either way.
+RING_MIN_TOKENS = 4
+
 
 @dataclass
 class LMOutput:
@@ -338,8 +344,9 @@ class MemoryTransformerLM(nn.Module, PretrainedMixin):
 
         The prompt is read in segments of tgt_len through the recurrence memory, then one token at a time: with
         `use_cache` (the default; eval mode only) through every layer's :class:`RingKVCache`, the memory's
-        projected keys/values in buffers written in place, so a step costs O(d² + (S+N)·d) per layer; without it
-        through ``forward``'s path, which re-projects the memory and the position rows at every step.
+        projected keys/values in buffers written in place, so a step costs O(d² + (S+N)·d) per layer; without it,
+        or for fewer than ``RING_MIN_TOKENS`` new tokens (too few to pay for building the rings), through
+        ``forward``'s path, which re-projects the memory and the position rows at every step.
         `temperature` 0 picks the most likely token; otherwise tokens are sampled (from the `top_k` most likely
         when given), with `generator` if given. The next token is drawn from the adaptive softmax without the full
         vocabulary's distribution wherever the result is exactly the same (see `AdaptiveSoftmax.draw`): greedy,
@@ -356,7 +363,7 @@ class MemoryTransformerLM(nn.Module, PretrainedMixin):
         memory = None
         for start in range(0, prompt_ids.size(1), self.tgt_len):
             h, memory, _ = self._hidden(prompt_ids[:, start : start + self.tgt_len], memory, None, False)
-        rings = self._new_rings(memory) if use_cache and max_new_tokens > 1 else None
+        rings = self._new_rings(memory) if use_cache and max_new_tokens >= RING_MIN_TOKENS else None
         head_t = self.softmax.transposed_head() if rings is not None else None
         new_tokens = []
         for step in range(max_new_tokens):
