@@ -11,15 +11,21 @@ import torch
 from lightning_modules.training.cpu_allocator import ALLOCATOR_MODES, configure_cpu_allocator
 
 
-def sectioned_parser(doc: str | None, sections: dict[str, Callable], repeats: int) -> argparse.ArgumentParser:
-    """A parser with ``--repeats`` (default ``repeats``), ``--threads``, ``--sections`` (of ``sections``) and
-    ``--cpu-allocator``; the benchmark adds its own options."""
+def machine_parser(doc: str | None, repeats: int) -> argparse.ArgumentParser:
+    """A parser with ``--repeats`` (default ``repeats``), ``--threads`` and ``--cpu-allocator``; the benchmark adds
+    its own options."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=repeats, help="timed rounds per section (medians)")
+    parser.add_argument("--repeats", type=int, default=repeats, help="timed rounds (medians)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (W1: 2)")
-    parser.add_argument("--sections", default=",".join(sections), help=f"comma-separated, of {list(sections)}")
     parser.add_argument("--cpu-allocator", choices=ALLOCATOR_MODES, default="retain",
                         help="glibc allocator setting, as `headprune --cpu_allocator` (default: retain freed memory)")
+    return parser
+
+
+def sectioned_parser(doc: str | None, sections: dict[str, Callable], repeats: int) -> argparse.ArgumentParser:
+    """`machine_parser` with ``--sections`` (comma-separated names of ``sections``)."""
+    parser = machine_parser(doc, repeats)
+    parser.add_argument("--sections", default=",".join(sections), help=f"comma-separated, of {list(sections)}")
     return parser
 
 

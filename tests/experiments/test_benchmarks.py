@@ -77,3 +77,19 @@ def test_the_layer_stack_and_one_layer_repeated_run_the_same_number_of_layer_ste
     calls.clear()
     fns["one_layer_repeated"]()
     assert calls == [0, 0, 0]
+
+
+@pytest.mark.slow
+def test_the_comparison_against_a_revision_loads_that_commits_model_and_times_both():
+    lines = run_benchmark("against_revision", "--rev", "HEAD", "--tokens", "4", "--repeats", "1")
+    versions = {(line["version"], line["heads_removed"]) for line in lines if line["metric"] == "generate_ms_per_step"}
+    assert versions == {(v, r) for v in ("working tree", "HEAD") for r in (0.0, 0.5)}
+    assert {line["heads_removed"] for line in lines if line["metric"] == "generate_speedup_over_revision"} == {0.0, 0.5}
+
+
+def test_the_comparison_against_a_revision_names_a_bad_revision_in_one_line():
+    done = subprocess.run([sys.executable, "-m", "experiments.benchmarks.against_revision", "--rev", "no-such-rev"],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines() == [f"'no-such-rev' is not a commit of {REPO}: pass --rev a commit, tag "
+                                                "or branch (git log lists them)"]
