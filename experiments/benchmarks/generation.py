@@ -1,14 +1,16 @@
-"""Inference with the cached memory keys/values (``InferenceCache``): generation and whole-model evaluation speed.
+"""Inference with the memory's keys/values kept (``RingKVCache`` in generation, ``InferenceCache`` in evaluation):
+generation and whole-model evaluation speed.
 
 Sections (each timed in interleaved rounds in this one process, medians of ``--repeats``):
   - ``generation``: greedy tokens/s of ``MemoryTransformerLM.generate`` on W1 (All-attention; 4 layers, d 256, 8
     heads x 32, N 1024, memory 64) at batch 1 and 8, dense and with half of every layer's heads removed, three ways:
-    ``cached`` (the default), ``reprojecting`` (``use_cache=False``: every step re-projects the memory and the
-    position table) and ``forward_steps`` (stepping ``model(ids[:, -1:], memory=memory)`` and taking the argmax
-    of the full log-probabilities). Figures: ``generate_tokens_per_s`` per case, ``generate_cache_speedup`` (cached
-    over forward_steps, batch 1: target >= 4) and ``generate_pruned_speedup`` (50% removed over dense, cached:
-    target >= 1.5); the batch-1 step's memory-traffic floor; and ``cached_layers_weight_reads``, the dense
-    step's layers over the same number of passes through one layer, whose weights stay in the CPU caches;
+    ``cached`` (the default: the ring caches), ``reprojecting`` (``use_cache=False``: every step re-projects the
+    memory and the position rows) and ``forward_steps`` (stepping ``model(ids[:, -1:], memory=memory)`` and taking
+    the argmax of the full log-probabilities). Figures: ``generate_tokens_per_s`` per case,
+    ``generate_cache_speedup`` (cached over forward_steps, batch 1: target >= 4) and ``generate_pruned_speedup``
+    (50% removed over dense, cached: target >= 1.5); the batch-1 step's memory-traffic floor; and
+    ``cached_layers_weight_reads``, the dense step's layers over the same number of passes through one layer, whose
+    weights stay in the CPU caches;
   - ``paper``: the same at the paper's layer shapes (16 layers, d 512, 8 heads x 64, N 2048, memory 192, tiny
     vocabulary), batch 1, a few tokens, cached vs reprojecting, dense vs 50% removed;
   - ``eval``: whole-model eval tokens/s on W1 (batch 8, segment 64 + memory 64, targets given) with and without the
@@ -58,11 +60,11 @@ def generator_fns(model: MemoryTransformerLM, prompt: torch.Tensor, n: int, mode
 
 
 def cached_step_bytes(model: MemoryTransformerLM, batch: int) -> int:
-    """Bytes a cached greedy step must read at the least, at ``batch`` rows: per layer its weights as the cache
-    holds them (the fused [W_q; W_k; W_v], W_o, the persistent slots or FFN, norms, biases) and the cached
-    keys/values and position rows of its S = M + 1 keys; then the adaptive softmax's head (shortlist and cluster
-    weights, their projection). Tail clusters, embedding rows and activations are left out, so this is a lower
-    bound."""
+    """Bytes a cached greedy step must read at the least, at ``batch`` rows: per layer its weights (the fused
+    [W_q; W_k; W_v], W_o, the persistent slots or FFN, norms, biases) and the keys/values and position rows of its
+    S = M + 1 keys, counted on the inference cache (a ring holds the same, plus one u·k per key and head); then the
+    adaptive softmax's head (shortlist and cluster weights, their projection). Tail clusters, embedding rows and
+    activations are left out, so this is a lower bound."""
     with torch.no_grad():
         cache = model.init_cache(model.init_memory(batch, torch.device("cpu")))
     elements = 0
