@@ -205,7 +205,7 @@ class LanguageModel(pl.LightningModule):
         self.token_count[stage].reset()
 
     def predict_step(self, prompt_ids: torch.Tensor, batch_idx: int) -> dict[str, str | float]:
-        """Continues one prompt through the inference cache (``MemoryTransformerLM.generate``); decodes it with the
+        """Continues one prompt (``MemoryTransformerLM.generate``, through its ring caches); decodes it with the
         datamodule's vocabulary and prints it with the generation speed."""
         started = time.perf_counter()
         generated = self.model.generate(prompt_ids, self.max_new_tokens, self.temperature, self.top_k)
