@@ -487,7 +487,8 @@ class LayerKVCache:
     persistent: the `persistent_slots` (K, sqrt(N)·V), [H, N, D] each, or None without persistent slots. Scaling
         sqrt(N)·V afresh each step reads and writes H·N·D values, about as much memory traffic as the step's
         whole attention over them; held here, the layers of a W1 generation step (batch 1, one thread, shared
-        cores) took 46.8 ms instead of 51.3 (docs/performance.md, "Generation").
+        cores, when generation stepped through this cache) took 46.8 ms instead of 51.3 (docs/performance.md,
+        "Generation").
     """
 
     kv: Tensor
