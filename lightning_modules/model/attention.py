@@ -397,12 +397,12 @@ class RelativeMultiHeadAttention(nn.Module):
         keys, values = mem.new_empty(H, B, D, P + S), mem.new_empty(H, B, P + S, D)  # slot P + M is written first
         key_bias = mem.new_zeros(H, B, 1, P + S)
         persistent = None
-        if P > 0:
-            keys[:, 0, :, :P] = self.persistent_k.mT
-            torch.mul(self.persistent_v, N**0.5, out=values[:, 0, :P])  # sqrt(N)·V
-        elif N > 0:  # K transposed for the product with the queries
-            persistent = (as_dtype(self.persistent_k, mem.dtype).mT.contiguous(),
-                          as_dtype(self.persistent_v * N**0.5, mem.dtype))
+        if N > 0:
+            persistent_k, persistent_v = self.persistent_slots(mem.dtype)  # K_n, sqrt(N)·V_n
+            if P > 0:
+                keys[:, 0, :, :P], values[:, 0, :P] = persistent_k.mT, persistent_v
+            else:  # K transposed for the product with the queries
+                persistent = (persistent_k.mT.contiguous(), persistent_v)
         keys[..., P : P + M] = kvb[..., :inner].view(B, M, H, D).permute(2, 0, 3, 1)
         values[:, :, P : P + M] = kvb[..., inner : 2 * inner].view(B, M, H, D).permute(2, 0, 1, 3)
         key_bias[:, :, 0, P : P + M] = kvb[..., 2 * inner :].permute(2, 0, 1)
