@@ -61,9 +61,11 @@ class AdaptiveEmbedding(nn.Module):
         if len(self.embs) == 1:
             h = self._cluster(0, ids)  # (B, T, d)
         elif ids.numel() == 1 and not self.training and 0 <= (token := int(ids.reshape(()))) < self.vocab_size:
-            # a batch-1 generation step: its one cluster found on the host, 3 dispatches instead of 36
+            # a batch-1 generation step: its cluster and row found on the host, the row a view of the table, so the
+            # projection is the one kernel (without the lookup, module calls and cluster masks of the general path)
             i = bisect.bisect_right(self.bounds, token) - 1
-            h = self._cluster(i, ids.reshape(1) - self.bounds[i]).view(*ids.shape, self.d_model)  # (1, 1, d)
+            row = self.embs[i].weight[token - self.bounds[i]].view(1, -1)  # (1, d_i)
+            h = (row.clone() if self.projs is None else F.linear(row, self.projs[i].weight)).view(*ids.shape, -1)
         else:
             flat = ids.reshape(-1)  # (B*T,)
             h = torch.zeros(flat.numel(), self.d_model, device=ids.device, dtype=self.embs[0].weight.dtype)
@@ -183,6 +185,8 @@ class AdaptiveSoftmax(nn.Module):
         tails = range(1, self.n_clusters)
         if temperature == 0:
             best, ids = head[:, :c1].max(-1)  # (B,), (B,)
+            if h.size(0) == 1:
+                return self._greedy_one_row(h, head, float(best), int(ids))
             for i in tails:
                 cluster_lp = head[:, c1 + i - 1]  # (B,)
                 rows = (cluster_lp > best).nonzero().squeeze(1)
@@ -215,6 +219,18 @@ class AdaptiveSoftmax(nn.Module):
             return ids
         log_probs = self.log_probs(h)  # (B, V)
         return torch.multinomial((log_probs / temperature).softmax(-1), 1, generator=generator).squeeze(1)
+
+    def _greedy_one_row(self, h: Tensor, head: Tensor, best: float, token: int) -> Tensor:
+        """`draw`'s greedy rule for one row h [1, d] with its head log-probs ``head`` [1, c1 + n_tails] and best
+        shortlist word (log-prob ``best``, id ``token``): the same tests and the same float32 sums as the batched
+        rule, with the decisions taken on the host instead of by selecting rows (a batch-1 generation step)."""
+        c1 = self.bounds[1]
+        for i, cluster_lp in enumerate(head[0, c1:].tolist(), start=1):
+            if cluster_lp > best:
+                tail_best, tail_id = (head[:, c1 + i - 1 : c1 + i] + self._tail_log_probs(h, i)).max(-1)
+                if (tail_lp := float(tail_best)) > best:
+                    best, token = tail_lp, int(tail_id) + self.bounds[i]
+        return torch.tensor([token], device=h.device)
 
     def forward(self, h: Tensor, targets: Tensor | None = None) -> Tensor:
         """nll(h, targets) [B, T] when targets are given, else log_probs(h) [B, T, V]."""

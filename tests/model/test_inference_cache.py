@@ -5,6 +5,7 @@ distribution's."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -208,6 +209,18 @@ def test_adaptive_softmax_draws_equal_the_full_distribution():
     full = model.softmax.log_probs(h[:, None])[:, 0]  # (64, V)
     with torch.no_grad():
         assert torch.equal(model.softmax.draw(h, 0.0), full.argmax(-1))
+
+    # one row at a time (the host rule), also with the tails made likely enough to hold some of the answers
+    tilted = copy.deepcopy(model)
+    with torch.no_grad():
+        tilted.softmax.cluster.bias += 6.0
+    for m in (model, tilted):
+        best = m.softmax.log_probs(h[:, None])[:, 0].argmax(-1)
+        with torch.no_grad():
+            one_row = torch.cat([m.softmax.draw(h[j : j + 1], 0.0) for j in range(h.size(0))])
+        assert torch.equal(one_row, best)
+    assert (one_row >= model.softmax.bounds[1]).any() and (one_row < model.softmax.bounds[1]).any()
+    with torch.no_grad():
         # top-k: only the k most likely words of the full distribution are ever drawn; top-1 is greedy
         assert torch.equal(model.softmax.draw(h, 1.0, 1), full.argmax(-1))
         top = full.topk(3, -1).indices
