@@ -381,68 +381,71 @@ class RelativeMultiHeadAttention(nn.Module):
         memory's keys/values in slots 0..M-1 (oldest first), the persistent slots as the steps read them, and W_r
         applied to ``pos_rows`` [M + 1, d_model], the position-table rows of distances M .. 0."""
         H, D, N = self.n_heads, self.d_head, self.n_persistent
-        (B, M), S, inner = mem.shape[:2], mem.size(1) + 1, self.n_heads * self.d_head
+        (B, M), S, dtype = mem.shape[:2], mem.size(1) + 1, mem.dtype
         if pos_rows.size(0) != S:
             raise ValueError(f"pos_rows has {pos_rows.size(0)} rows; the ring needs M + 1 = {S}")
         scale = D**-0.5
-        w_q, w_k, w_v = (as_dtype(p, mem.dtype) for p in (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight))
-        w_uk = torch.einsum("hd,hdi->hi", as_dtype(self.content_bias, mem.dtype) * scale, w_k.view(H, D, -1))  # (H, d)
-        # transposed: at batch 1 a step's projection is a product of one row, which MKL runs faster with the outputs
-        # contiguous (docs/performance.md, "Generation")
-        w_step_t = torch.cat([w_q.t(), w_k.t() * scale, w_v.t(), w_uk.t()], 1)  # (d, 3*H*D + H)
-        kvb = mem @ w_step_t[:, inner:]  # (B, M, 2*H*D + H): k / sqrt(D), v and u·k / sqrt(D) of the memory rows
+        w_q, w_k, w_v = (as_dtype(p, dtype).view(H, D, -1) for p in (self.q_proj.weight, self.k_proj.weight,
+                                                                      self.v_proj.weight))
+        w_uk = torch.einsum("hd,hdi->hi", as_dtype(self.content_bias, dtype), w_k)[:, None]  # (H, 1, d): u_h^T W_k
+        # one projection per step: per head [W_q; 0] (the zero row gets the bias 1), [W_k; u^T W_k] / sqrt(D), W_v;
+        # transposed: at batch 1 it is a product of one row, which MKL runs faster with the outputs contiguous
+        w_step = torch.cat([torch.cat([w_q, torch.zeros_like(w_uk)], 1).view(-1, w_q.size(-1)),
+                            (torch.cat([w_k, w_uk], 1) * scale).view(-1, w_q.size(-1)), w_v.reshape(H * D, -1)])
+        step_bias = mem.new_zeros(H, D + 1)
+        step_bias[:, D] = 1
+        step_bias = torch.cat([step_bias.view(-1), mem.new_zeros(w_step.size(0) - H * (D + 1))])
+        w_step_t = w_step.t().contiguous()  # (d, H*(D+1) + H*(D+1) + H*D)
+        kv = (mem @ w_step_t[:, H * (D + 1) :]).view(B, M, -1)  # (B, M, H*(D+1) + H*D): [k; u·k] / sqrt(D), v
         # one stream: the persistent slots are copied in front of the context ones, so that one product covers both;
         # for B rows they would be copied and read B times, so they stay apart, shared by the rows
         P = N if B == 1 else 0
-        keys, values = mem.new_empty(H, B, D, P + S), mem.new_empty(H, B, P + S, D)  # slot P + M is written first
-        key_bias = mem.new_zeros(H, B, 1, P + S)
+        keys, values = mem.new_empty(H, B, D + 1, P + S), mem.new_empty(H, B, P + S, D)  # slot P + M written first
         persistent = None
         if N > 0:
-            persistent_k, persistent_v = self.persistent_slots(mem.dtype)  # K_n, sqrt(N)·V_n
+            persistent_k, persistent_v = self.persistent_slots(dtype)  # K_n, sqrt(N)·V_n
             if P > 0:
-                keys[:, 0, :, :P], values[:, 0, :P] = persistent_k.mT, persistent_v
+                keys[:, 0, :D, :P], keys[:, 0, D, :P], values[:, 0, :P] = persistent_k.mT, 0, persistent_v
             else:  # K transposed for the product with the queries
                 persistent = (persistent_k.mT.contiguous(), persistent_v)
-        keys[..., P : P + M] = kvb[..., :inner].view(B, M, H, D).permute(2, 0, 3, 1)
-        values[:, :, P : P + M] = kvb[..., inner : 2 * inner].view(B, M, H, D).permute(2, 0, 1, 3)
-        key_bias[:, :, 0, P : P + M] = kvb[..., 2 * inner :].permute(2, 0, 1)
-        positions = (self.r_proj(pos_rows) * scale).view(S, H, D).permute(1, 2, 0)  # (H, D, S)
-        return RingKVCache(keys=keys, values=values, key_bias=key_bias,
-                           positions=torch.cat([positions, positions], -1), w_step_t=w_step_t,
-                           w_o_t=as_dtype(self.o_proj.weight.t().contiguous(), mem.dtype),
-                           position_bias=as_dtype(self.position_bias, mem.dtype)[:, None], persistent=persistent,
+        keys[..., P : P + M] = kv[..., : H * (D + 1)].view(B, M, H, D + 1).permute(2, 0, 3, 1)
+        values[:, :, P : P + M] = kv[..., H * (D + 1) :].view(B, M, H, D).permute(2, 0, 1, 3)
+        r = as_dtype(self.r_proj(pos_rows), dtype).view(S, H, D).permute(1, 2, 0)  # (H, D, S)
+        positions = torch.cat([r, torch.einsum("hd,hds->hs", as_dtype(self.position_bias, dtype), r)[:, None]], 1)
+        return RingKVCache(keys=keys, values=values, positions=(positions * scale).repeat(1, 1, 2),
+                           w_step_t=w_step_t, step_bias=step_bias,
+                           w_o_t=as_dtype(self.o_proj.weight.t().contiguous(), dtype), persistent=persistent,
                            head_ids=self.head_ids)
 
     def forward_ring(self, x: Tensor, ring: RingKVCache, head_scale: Tensor | None = None) -> Tensor:
         """One generation step: the normalised tokens x [B, 1, d_model] attend to the ring's memory positions, their
         own and the persistent slots; their keys and values are written into the ring over the oldest position's.
         The same function as `forward_cached` of one token (tested equal), without concatenating, slicing or
-        re-laying out the keys/values: the step's one projection gives q, k / sqrt(D), v and the u·k / sqrt(D)
-        term, the position logits come from the window of the doubled position rows that matches the slots' order,
-        and the persistent keys/values are read once for the whole batch. -> [B, 1, d_model]."""
+        re-laying out the keys/values. The step's one projection gives, per head, the query with a 1 appended
+        (q, 1), the key with its u-term (k, u·k) / sqrt(D) and the value, so that (q, 1)·(k, u·k) / sqrt(D) is the
+        content logit (q + u)·k / sqrt(D), and against the position rows (r, v'·r) / sqrt(D) the position logit
+        (q + v')·r / sqrt(D); the persistent slots hold (K_n, 0). -> [B, 1, d_model]."""
         if ring.head_ids is not self.head_ids:  # select_heads_ replaces head_ids: a removal since it was built
             raise ValueError(f"the ring cache holds heads {ring.head_ids.tolist()}, the module "
                              f"{self.head_ids.tolist()}: build it again after removing heads")
         H, D, N = self.n_heads, self.d_head, self.n_persistent
-        B, S, inner = x.size(0), ring.positions.size(-1) // 2, self.n_heads * self.d_head
+        B, S, Q = x.size(0), ring.positions.size(-1) // 2, self.n_heads * (self.d_head + 1)
         P = ring.keys.size(-1) - S  # persistent slots held in the ring (one stream), else 0
         slot = P + (S - 1 + ring.steps) % S  # the oldest position's slot (the free one at the first step)
-        out = x.view(B, -1) @ ring.w_step_t  # (B, 3*H*D + H)
-        q, k, v = out[:, : 3 * inner].view(B, 3, H, D).permute(1, 2, 0, 3)  # (H, B, D) each
-        ring.keys[..., slot] = k
-        ring.values[:, :, slot] = v
-        ring.key_bias[:, :, 0, slot] = out[:, 3 * inner :].t()
-        q_rows = q.reshape(H * B, 1, D)
-        logits = torch.baddbmm(ring.key_bias.view(H * B, 1, P + S), q_rows, ring.keys.view(H * B, D, P + S))
+        out = torch.addmm(ring.step_bias, x.view(B, -1), ring.w_step_t)  # (B, 2*H*(D+1) + H*D)
+        q = out[:, :Q].view(B, H, D + 1).transpose(0, 1)  # (H, B, D+1): (q, 1)
+        ring.keys[..., slot] = out[:, Q : 2 * Q].view(B, H, D + 1).transpose(0, 1)
+        ring.values[:, :, slot] = out[:, 2 * Q :].view(B, H, D).transpose(0, 1)
+        logits = torch.bmm(q.reshape(H * B, 1, D + 1), ring.keys.view(H * B, D + 1, P + S))  # (H*B, 1, P + S)
         start = -ring.steps % S  # the window of the doubled rows that puts each slot's distance at the slot
-        logits[..., P:].view(H, B, S).baddbmm_(q + ring.position_bias, ring.positions[..., start : start + S])
-        if ring.persistent is None:  # all slots in the ring: q·K_n, (q + u)·k_j / sqrt(D) + (q + v')·r / sqrt(D)
-            probs = as_dtype(at_least_fp32(logits).softmax(-1), q.dtype)  # (H*B, 1, P + S)
+        logits.view(H, B, P + S)[..., P:].add_(torch.bmm(q, ring.positions[..., start : start + S]))
+        if ring.persistent is None:  # all slots in the ring
+            probs = as_dtype(at_least_fp32(logits).softmax(-1), x.dtype)  # (H*B, 1, P + S)
             o = torch.bmm(probs, ring.values.view(H * B, P + S, D))  # (H*B, 1, D)
         else:  # the persistent slots shared by the rows
             persistent_k, persistent_v = ring.persistent
-            logits = torch.cat([torch.bmm(q, persistent_k), logits.view(H, B, S)], -1)  # (H, B, N + S)
-            probs = as_dtype(at_least_fp32(logits).softmax(-1), q.dtype)
+            logits = torch.cat([torch.bmm(q[..., :D], persistent_k), logits.view(H, B, S)], -1)  # (H, B, N + S)
+            probs = as_dtype(at_least_fp32(logits).softmax(-1), x.dtype)
             o = torch.bmm(probs[..., :N], persistent_v)  # (H, B, D)
             o.view(H * B, 1, D).baddbmm_(probs[..., N:].reshape(H * B, 1, S), ring.values.view(H * B, S, D))
         ring.steps += 1
@@ -532,16 +535,15 @@ class RingKVCache:
 
     With S = M + 1 context slots (the memory and the token of the step) in ring order, B rows and N persistent
     slots, of which P are held in the ring (N for one stream, whose one product then covers both kinds, else 0):
-    keys: [H, B, D, P + S], the persistent keys K_n, then the context keys over sqrt(D).
+    keys: [H, B, D + 1, P + S], the persistent keys (K_n, 0), then the context keys with their u-term,
+        (k_j, u·k_j) / sqrt(D): against a step's (q, 1) they give q·K_n and (q + u)·k_j / sqrt(D), the logits of
+        `_attend_reference`.
     values: [H, B, P + S, D], sqrt(N)·V_n, then the context values.
-    key_bias: [H, B, 1, P + S], 0 for the persistent slots and u·k_j / sqrt(D) for the context ones, so that one
-        product with the query gives q·K_n and (q + u)·k_j / sqrt(D) (the formula of `_attend_reference`).
-    positions: [H, D, 2S], W_r·P for distances S-1 .. 0 over sqrt(D), twice: at step t the slots' distances are the
-        window starting at -t mod S.
-    w_step_t: [d_model, 3*H*D + H], the step's one projection, transposed: [W_q; W_k / sqrt(D); W_v; w_uk] with
-        w_uk[h] = W_k[h]^T u_h / sqrt(D), so each new key's u-term comes with it.
+    positions: [H, D + 1, 2S], (r, v'·r) / sqrt(D) with r = W_r·P for distances S-1 .. 0, twice: at step t the
+        slots' distances are the window starting at -t mod S.
+    w_step_t, step_bias: the step's one projection, transposed ([d_model, 2*H*(D+1) + H*D]), and its bias: per head
+        [W_q; 0] with bias 1 (the query and its appended 1), then per head [W_k; u^T W_k] / sqrt(D), then W_v.
     w_o_t: [H*D, d_model], W_o transposed.
-    position_bias: v', [H, 1, D].
     persistent: (K_n transposed [H, D, N], sqrt(N)·V_n [H, N, D]) shared by the rows, or None (none, or in the
         ring).
     head_ids: the original ids of the heads held; steps: tokens written so far.
@@ -549,11 +551,10 @@ class RingKVCache:
 
     keys: Tensor
     values: Tensor
-    key_bias: Tensor
     positions: Tensor
     w_step_t: Tensor
+    step_bias: Tensor
     w_o_t: Tensor
-    position_bias: Tensor
     persistent: tuple[Tensor, Tensor] | None
     head_ids: Tensor
     steps: int = 0
