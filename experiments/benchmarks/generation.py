@@ -41,8 +41,9 @@ MODES = ("cached", "reprojecting", "forward_steps")
 
 
 def forward_steps(model: MemoryTransformerLM, prompt: torch.Tensor, n: int) -> torch.Tensor:
-    """Greedy continuation by stepping ``model(ids[:, -1:], memory=memory)`` over the full distribution."""
-    with torch.no_grad():
+    """Greedy continuation by stepping ``model(ids[:, -1:], memory=memory)`` over the full distribution, in
+    inference mode as ``generate`` runs (and Lightning's predict loop), so that the two differ only by their path."""
+    with torch.inference_mode():
         out = model(prompt)
         tokens = []
         for _ in range(n):

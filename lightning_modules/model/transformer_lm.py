@@ -330,7 +330,6 @@ class MemoryTransformerLM(nn.Module, PretrainedMixin):
             new.append(cat[:, max(0, cat.size(1) - self.mem_len) :].detach())
         return new
 
-    @torch.no_grad()
     def generate(
         self,
         prompt_ids: Tensor,
@@ -352,6 +351,7 @@ class MemoryTransformerLM(nn.Module, PretrainedMixin):
         vocabulary's distribution wherever the result is exactly the same (see `AdaptiveSoftmax.draw`): greedy,
         top-k and temperature 1 are exact; another temperature without top-k computes the full distribution.
         Greedy tokens are those of stepping ``model(ids[:, -1:], memory=memory)`` and taking the argmax.
+        Runs in inference mode (no autograd bookkeeping per op); the tokens returned are an ordinary tensor.
         """
         if prompt_ids.dim() != 2 or prompt_ids.size(1) == 0:
             raise ValueError(f"prompt_ids must be [batch, length >= 1]; got {tuple(prompt_ids.shape)}")
@@ -360,6 +360,13 @@ class MemoryTransformerLM(nn.Module, PretrainedMixin):
                              f"{max_new_tokens}, {temperature}, {top_k}")
         if use_cache and self.training:
             raise ValueError("cached generation is for evaluation: call model.eval(), or pass use_cache=False")
+        with torch.inference_mode():
+            tokens = self._generate(prompt_ids, max_new_tokens, temperature, top_k, generator, use_cache)
+        return tokens.clone()  # outside inference mode: a tensor the caller may change in place
+
+    def _generate(self, prompt_ids: Tensor, max_new_tokens: int, temperature: float, top_k: int | None,
+                  generator: torch.Generator | None, use_cache: bool) -> Tensor:
+        """`generate` of checked arguments."""
         memory = None
         for start in range(0, prompt_ids.size(1), self.tgt_len):
             h, memory, _ = self._hidden(prompt_ids[:, start : start + self.tgt_len], memory, None, False)
