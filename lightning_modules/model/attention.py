@@ -429,25 +429,27 @@ class RelativeMultiHeadAttention(nn.Module):
             raise ValueError(f"the ring cache holds heads {ring.head_ids.tolist()}, the module "
                              f"{self.head_ids.tolist()}: build it again after removing heads")
         H, D, N = self.n_heads, self.d_head, self.n_persistent
-        B, S, Q = x.size(0), ring.positions.size(-1) // 2, self.n_heads * (self.d_head + 1)
+        B, S = x.size(0), ring.positions.size(-1) // 2
         P = ring.keys.size(-1) - S  # persistent slots held in the ring (one stream), else 0
+        torch.addmm(ring.step_bias, x.view(B, -1), ring.w_step_t, out=ring.projected)  # (B, 2*H*(D+1) + H*D)
         slot = P + (S - 1 + ring.steps) % S  # the oldest position's slot (the free one at the first step)
-        out = torch.addmm(ring.step_bias, x.view(B, -1), ring.w_step_t)  # (B, 2*H*(D+1) + H*D)
-        q = out[:, :Q].view(B, H, D + 1).transpose(0, 1)  # (H, B, D+1): (q, 1)
-        ring.keys[..., slot] = out[:, Q : 2 * Q].view(B, H, D + 1).transpose(0, 1)
-        ring.values[:, :, slot] = out[:, 2 * Q :].view(B, H, D).transpose(0, 1)
-        logits = torch.bmm(q.reshape(H * B, 1, D + 1), ring.keys.view(H * B, D + 1, P + S))  # (H*B, 1, P + S)
-        start = -ring.steps % S  # the window of the doubled rows that puts each slot's distance at the slot
-        logits.view(H, B, P + S)[..., P:].add_(torch.bmm(q, ring.positions[..., start : start + S]))
+        ring.keys.select(-1, slot).copy_(ring.new_keys)
+        ring.values.select(-2, slot).copy_(ring.new_values)
+        q = ring.queries  # (H, B, D+1): (q, 1)
+        q_rows = q.view(H * B, 1, D + 1) if B == 1 else q.reshape(H * B, 1, D + 1)
+        logits = torch.bmm(q_rows, ring.key_rows, out=ring.logits)  # (H*B, 1, P + S)
+        # the window of the doubled rows that puts each slot's distance at the slot starts at -steps mod S
+        window = ring.positions.narrow(-1, -ring.steps % S, S)
+        ring.context_logits.add_(torch.bmm(q, window, out=ring.position_logits))
         if ring.persistent is None:  # all slots in the ring
             probs = as_dtype(at_least_fp32(logits).softmax(-1), x.dtype)  # (H*B, 1, P + S)
-            o = torch.bmm(probs, ring.values.view(H * B, P + S, D))  # (H*B, 1, D)
+            o = torch.bmm(probs, ring.value_rows, out=ring.head_outputs)  # (H*B, 1, D)
         else:  # the persistent slots shared by the rows
             persistent_k, persistent_v = ring.persistent
             logits = torch.cat([torch.bmm(q[..., :D], persistent_k), logits.view(H, B, S)], -1)  # (H, B, N + S)
             probs = as_dtype(at_least_fp32(logits).softmax(-1), x.dtype)
-            o = torch.bmm(probs[..., :N], persistent_v)  # (H, B, D)
-            o.view(H * B, 1, D).baddbmm_(probs[..., N:].reshape(H * B, 1, S), ring.values.view(H * B, S, D))
+            o = torch.bmm(probs[..., :N], persistent_v, out=ring.head_outputs.view(H, B, D))  # (H, B, D)
+            o.view(H * B, 1, D).baddbmm_(probs[..., N:].reshape(H * B, 1, S), ring.value_rows)
         ring.steps += 1
         return self._merge_heads(o.view(H, B, 1, D).permute(1, 2, 0, 3), head_scale, ring.w_o_t)
 
@@ -547,6 +549,7 @@ class RingKVCache:
     persistent: (K_n transposed [H, D, N], sqrt(N)·V_n [H, N, D]) shared by the rows, or None (none, or in the
         ring).
     head_ids: the original ids of the heads held; steps: tokens written so far.
+    The step's buffers and the views of them it reads (`projected`, `queries`, `logits`, ...) are made once.
     """
 
     keys: Tensor
@@ -558,3 +561,19 @@ class RingKVCache:
     persistent: tuple[Tensor, Tensor] | None
     head_ids: Tensor
     steps: int = 0
+
+    def __post_init__(self) -> None:
+        """The step's output buffers and the views of them and of the slots that every step reads, made once: a
+        batch-1 step is bound by the count of its small ops (docs/performance.md, "Generation")."""
+        H, B, D1, PS = self.keys.shape
+        D, S = D1 - 1, self.positions.size(-1) // 2
+        P, Q = PS - S, H * D1
+        self.projected = self.keys.new_empty(B, self.w_step_t.size(1))  # [(q, 1) | (k, u·k) / sqrt(D) | v] per head
+        self.queries = self.projected[:, :Q].view(B, H, D1).transpose(0, 1)  # (H, B, D+1)
+        self.new_keys = self.projected[:, Q : 2 * Q].view(B, H, D1).transpose(0, 1)  # (H, B, D+1)
+        self.new_values = self.projected[:, 2 * Q :].view(B, H, D).transpose(0, 1)  # (H, B, D)
+        self.key_rows, self.value_rows = self.keys.view(H * B, D1, PS), self.values.view(H * B, PS, D)
+        self.logits = self.keys.new_empty(H * B, 1, PS)
+        self.context_logits = self.logits.view(H, B, PS)[..., P:]  # (H, B, S)
+        self.position_logits = self.keys.new_empty(H, B, S)
+        self.head_outputs = self.keys.new_empty(H * B, 1, D)
