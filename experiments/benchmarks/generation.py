@@ -10,7 +10,8 @@ Sections (each timed in interleaved rounds in this one process, medians of ``--r
     ``generate_cache_speedup`` (cached over forward_steps, batch 1: target >= 4) and ``generate_pruned_speedup``
     (50% removed over dense, cached: target >= 1.5); the batch-1 step's memory-traffic floor; and
     ``cached_layers_weight_reads``, the dense step's layers over the same number of passes through one layer, whose
-    weights stay in the CPU caches;
+    weights stay in the CPU caches; then cached vs forward_steps again at batch 1 over ``--long-tokens`` (256) per
+    call, where the per-call set-up weighs less per token;
   - ``paper``: the same at the paper's layer shapes (16 layers, d 512, 8 heads x 64, N 2048, memory 192, tiny
     vocabulary), batch 1, a few tokens, cached vs reprojecting, dense vs 50% removed;
   - ``eval``: whole-model eval tokens/s on W1 (batch 8, segment 64 + memory 64, targets given) with and without the
@@ -19,7 +20,8 @@ Sections (each timed in interleaved rounds in this one process, medians of ``--r
     MAC-accounting ideal (``pruned_eval_speedup_cached``, target >= 0.95 of it; ``macs_per_token`` counts what the
     cached path pays: no memory re-projection).
 
-    python -m experiments.benchmarks.generation [--repeats 7] [--threads 2] [--tokens 32] [--sections ...]
+    python -m experiments.benchmarks.generation [--repeats 7] [--threads 2] [--tokens 32] [--long-tokens 256]
+        [--sections ...]
 """
 
 from __future__ import annotations
@@ -127,7 +129,7 @@ def generation(args: argparse.Namespace, extra: dict) -> None:
     t = interleaved_medians(fns, args.repeats)
     for (r, b, m), seconds in t.items():
         emit(W1_NAME, "generate_tokens_per_s", round(b * args.tokens / seconds, 1), "tokens/s", mode=m, batch=b,
-             heads_removed=r, ms_per_step=round(1e3 * seconds / args.tokens, 3), **extra)
+             tokens=args.tokens, heads_removed=r, ms_per_step=round(1e3 * seconds / args.tokens, 3), **extra)
     bandwidth = read_bandwidth()
     emit(W1_NAME, "read_bandwidth", round(bandwidth / 1e9, 2), "GB/s", **extra)
     for r, model in models.items():
@@ -145,12 +147,30 @@ def generation(args: argparse.Namespace, extra: dict) -> None:
          batch=1, heads_removed=0.0, over="one_layer_repeated", **extra)
     for b in prompts:
         emit(W1_NAME, "generate_cache_speedup", round(t[(0.0, b, "forward_steps")] / t[(0.0, b, "cached")], 2), "x",
-             batch=b, over="forward_steps", **({"target": 4.0} if b == 1 else {}), **extra)
+             batch=b, tokens=args.tokens, over="forward_steps", **({"target": 4.0} if b == 1 else {}), **extra)
         emit(W1_NAME, "generate_cache_speedup", round(t[(0.0, b, "reprojecting")] / t[(0.0, b, "cached")], 2), "x",
-             batch=b, over="reprojecting", **extra)
+             batch=b, tokens=args.tokens, over="reprojecting", **extra)
         for m in ("cached", "reprojecting"):
             emit(W1_NAME, "generate_pruned_speedup", round(t[(0.0, b, m)] / t[(0.5, b, m)], 2), "x", batch=b,
-                 mode=m, heads_removed=0.5, **({"target": 1.5} if m == "cached" else {}), **extra)
+                 tokens=args.tokens, mode=m, heads_removed=0.5, **({"target": 1.5} if m == "cached" else {}), **extra)
+    long_generation(args, models, prompts[1], extra)
+
+
+def long_generation(args: argparse.Namespace, models: dict[float, MemoryTransformerLM], prompt: torch.Tensor,
+                    extra: dict) -> None:
+    """Batch 1, ``--long-tokens`` per call, cached against forward steps: the per-token figures once the per-call
+    set-up (the prompt, building the rings and the transposed head) is spread over a long continuation."""
+    n = args.long_tokens
+    fns = {(r, m): fn for r, model in models.items()
+           for m, fn in generator_fns(model, prompt, n, ("cached", "forward_steps")).items()}
+    t = interleaved_medians(fns, max(3, args.repeats // 2), warmup=1)
+    for (r, m), seconds in t.items():
+        emit(W1_NAME, "generate_tokens_per_s", round(n / seconds, 1), "tokens/s", mode=m, batch=1, tokens=n,
+             heads_removed=r, ms_per_step=round(1e3 * seconds / n, 3), **extra)
+    emit(W1_NAME, "generate_cache_speedup", round(t[(0.0, "forward_steps")] / t[(0.0, "cached")], 2), "x", batch=1,
+         tokens=n, over="forward_steps", target=4.0, **extra)
+    emit(W1_NAME, "generate_pruned_speedup", round(t[(0.0, "cached")] / t[(0.5, "cached")], 2), "x", batch=1,
+         tokens=n, mode="cached", heads_removed=0.5, target=1.5, **extra)
 
 
 def paper(args: argparse.Namespace, extra: dict) -> None:
@@ -214,6 +234,8 @@ SECTIONS = {"generation": generation, "paper": paper, "eval": evaluation}
 def main() -> None:
     parser = sectioned_parser(__doc__, SECTIONS, repeats=7)
     parser.add_argument("--tokens", type=int, default=32, help="tokens generated per timed call (W1)")
+    parser.add_argument("--long-tokens", type=int, default=256,
+                        help="tokens per call of the long batch-1 generation (W1, cached vs forward steps)")
     parser.add_argument("--data", type=Path, default=local_wikitext2(), help="WikiText-2 folder for the eval tokens")
     args = parser.parse_args()
     extra = apply_machine_options(args)

@@ -137,7 +137,10 @@ def test_greedy_generation_gives_the_tokens_of_stepping_forward(layer_type, impl
     model = small_model(layer_type=layer_type, attn_impl=impl, same_length=False)
     prompt = torch.randint(0, V, (3, 13))  # one and a half segments
     expected = step_forward_greedy(model, prompt, 20)  # 20 steps: past mem_len, so memory and cache roll over
-    assert torch.equal(model.generate(prompt, 20, temperature=0), expected)
+    tokens = model.generate(prompt, 20, temperature=0)
+    assert torch.equal(tokens, expected)
+    assert not tokens.is_inference()  # made in inference mode, returned as a tensor the caller may change
+    tokens[0, 0] = 0
     assert torch.equal(model.generate(prompt, 20, temperature=0, use_cache=False), expected)
     model.prune_heads({0: [1, 3], 1: [2]})
     assert torch.equal(model.generate(prompt[:1], 12, temperature=0), step_forward_greedy(model, prompt[:1], 12))
@@ -335,10 +338,12 @@ def test_two_process_ddp_validation_with_the_cache_equals_reprojecting(tmp_path)
 @pytest.mark.slow
 def test_the_generation_benchmark_runs_and_prints_its_figures(tmp_path):
     done = subprocess.run([sys.executable, "-m", "experiments.benchmarks.generation", "--repeats", "1", "--tokens", "2",
-                           "--sections", "generation,eval", "--data", str(tmp_path / "no-data")],
+                           "--long-tokens", "5", "--sections", "generation,eval", "--data", str(tmp_path / "no-data")],
                           capture_output=True, text=True, timeout=600, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
-    metrics = {json.loads(line)["metric"] for line in done.stdout.splitlines()}
+    figures = [json.loads(line) for line in done.stdout.splitlines()]
+    metrics = {f["metric"] for f in figures}
+    assert {f.get("tokens") for f in figures if f["metric"] == "generate_cache_speedup"} == {2, 5}
     assert {"generate_tokens_per_s", "generate_cache_speedup", "generate_pruned_speedup", "eval_tokens_per_s",
             "eval_cache_speedup", "pruned_eval_speedup_cached", "read_bandwidth", "cached_step_floor",
             "cached_step_over_floor"} <= metrics
