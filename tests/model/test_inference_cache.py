@@ -345,5 +345,5 @@ def test_the_generation_benchmark_runs_and_prints_its_figures(tmp_path):
     metrics = {f["metric"] for f in figures}
     assert {f.get("tokens") for f in figures if f["metric"] == "generate_cache_speedup"} == {2, 5}
     assert {"generate_tokens_per_s", "generate_cache_speedup", "generate_pruned_speedup", "eval_tokens_per_s",
-            "eval_cache_speedup", "pruned_eval_speedup_cached", "read_bandwidth", "cached_step_floor",
-            "cached_step_over_floor"} <= metrics
+            "eval_cache_speedup", "eval_cache_time_ideal", "pruned_eval_speedup_cached", "read_bandwidth",
+            "cached_step_floor", "cached_step_over_floor"} <= metrics
