@@ -17,6 +17,8 @@ from torch import Tensor, nn
 from lightning_modules.model.precision import at_least_fp32
 
 IGNORE_INDEX = -100  # targets with this value are not scored: their NLL is exactly 0
+# evaluation inputs of at most this many tokens (generation steps) are routed to their clusters on the host
+HOST_ROUTED_TOKENS = 64
 
 
 def cluster_dims(d_model: int, n_clusters: int, div_value: float) -> list[int]:
@@ -56,16 +58,38 @@ class AdaptiveEmbedding(nn.Module):
         e = self.embs[i](ids)
         return e if self.projs is None else self.projs[i](e)
 
+    def _host_routed(self, ids: Tensor) -> Tensor | None:
+        """The embedding of a few token ids (a generation step), each routed to its cluster on the host: only the
+        clusters present run, without the cluster masks, nonzero and scatter of the general path; one token's row is
+        read as a view of its table, so the projection is its one kernel. -> [n, d_model], or None when an id is
+        outside the vocabulary (the general path embeds those as zeros)."""
+        tokens = ids.reshape(-1).tolist()
+        if not tokens or not all(0 <= t < self.vocab_size for t in tokens):
+            return None
+        clusters = [bisect.bisect_right(self.bounds, t) - 1 for t in tokens]
+        weight = self.embs[0].weight
+        if len(tokens) == 1:
+            i = clusters[0]
+            row = self.embs[i].weight[tokens[0] - self.bounds[i]].view(1, -1)  # (1, d_i)
+            return row.clone() if self.projs is None else F.linear(row, self.projs[i].weight)
+        h = None
+        for i in sorted(set(clusters)):
+            at = [j for j, c in enumerate(clusters) if c == i]
+            local = torch.tensor([tokens[j] - self.bounds[i] for j in at], device=weight.device)
+            e = self._cluster(i, local)  # (n_i, d)
+            if len(at) == len(tokens):
+                return e
+            if h is None:
+                h = weight.new_empty(len(tokens), self.d_model)
+            h[torch.tensor(at, device=weight.device)] = e.to(h.dtype)
+        return h
+
     def forward(self, ids: Tensor) -> Tensor:
         """ids [B, T] -> [B, T, d_model]."""
         if len(self.embs) == 1:
             h = self._cluster(0, ids)  # (B, T, d)
-        elif ids.numel() == 1 and not self.training and 0 <= (token := int(ids.reshape(()))) < self.vocab_size:
-            # a batch-1 generation step: its cluster and row found on the host, the row a view of the table, so the
-            # projection is the one kernel (without the lookup, module calls and cluster masks of the general path)
-            i = bisect.bisect_right(self.bounds, token) - 1
-            row = self.embs[i].weight[token - self.bounds[i]].view(1, -1)  # (1, d_i)
-            h = (row.clone() if self.projs is None else F.linear(row, self.projs[i].weight)).view(*ids.shape, -1)
+        elif not self.training and ids.numel() <= HOST_ROUTED_TOKENS and (routed := self._host_routed(ids)) is not None:
+            h = routed.view(*ids.shape, self.d_model)  # (B, T, d)
         else:
             flat = ids.reshape(-1)  # (B*T,)
             h = torch.zeros(flat.numel(), self.d_model, device=ids.device, dtype=self.embs[0].weight.dtype)
@@ -172,7 +196,7 @@ class AdaptiveSoftmax(nn.Module):
         log p(w) = log p_head(cluster) + log p_tail(w | cluster) <= log p_head(cluster), so a tail cluster whose head
         log-probability is below what the shortlist already offers cannot hold the answer and is skipped:
           - greedy (``temperature`` 0): the argmax of the full distribution (ties to the lower id, as ``argmax``);
-            tails are computed only for the rows whose cluster log-probability beats their best word so far;
+            a tail is computed only when some row's cluster log-probability beats that row's best word so far;
           - ``top_k``: the k most likely words of the full distribution (a tail is computed only when its cluster
             log-probability beats the current k-th candidate), then one drawn from softmax(log p / temperature);
           - temperature 1, no top-k: the head's cluster first, then a word within that tail only, which is the
@@ -185,16 +209,15 @@ class AdaptiveSoftmax(nn.Module):
         tails = range(1, self.n_clusters)
         if temperature == 0:
             best, ids = head[:, :c1].max(-1)  # (B,), (B,)
-            if h.size(0) == 1:
-                return self._greedy_one_row(h, head, float(best), int(ids))
             for i in tails:
                 cluster_lp = head[:, c1 + i - 1]  # (B,)
-                rows = (cluster_lp > best).nonzero().squeeze(1)
-                if rows.numel():
-                    tail_best, tail_ids = (cluster_lp[rows, None] + self._tail_log_probs(h[rows], i)).max(-1)
-                    better = tail_best > best[rows]
-                    best[rows] = torch.where(better, tail_best, best[rows])
-                    ids[rows] = torch.where(better, tail_ids + bounds[i], ids[rows])
+                if bool((cluster_lp > best).any()):
+                    # every row, rather than selecting those that passed: a row whose cluster log-prob is not above
+                    # its best cannot pass below (log p_tail <= 0), and selecting rows costs more dispatches than
+                    # the few rows of a generation step cost to compute
+                    tail_best, tail_ids = (cluster_lp[:, None] + self._tail_log_probs(h, i)).max(-1)
+                    better = tail_best > best
+                    best, ids = torch.where(better, tail_best, best), torch.where(better, tail_ids + bounds[i], ids)
             return ids
         if top_k is not None and top_k < bounds[-1]:
             values, ids = head[:, :c1].topk(min(top_k, c1), dim=-1)  # (B, k') candidates, best first
@@ -219,18 +242,6 @@ class AdaptiveSoftmax(nn.Module):
             return ids
         log_probs = self.log_probs(h)  # (B, V)
         return torch.multinomial((log_probs / temperature).softmax(-1), 1, generator=generator).squeeze(1)
-
-    def _greedy_one_row(self, h: Tensor, head: Tensor, best: float, token: int) -> Tensor:
-        """`draw`'s greedy rule for one row h [1, d] with its head log-probs ``head`` [1, c1 + n_tails] and best
-        shortlist word (log-prob ``best``, id ``token``): the same tests and the same float32 sums as the batched
-        rule, with the decisions taken on the host instead of by selecting rows (a batch-1 generation step)."""
-        c1 = self.bounds[1]
-        for i, cluster_lp in enumerate(head[0, c1:].tolist(), start=1):
-            if cluster_lp > best:
-                tail_best, tail_id = (head[:, c1 + i - 1 : c1 + i] + self._tail_log_probs(h, i)).max(-1)
-                if (tail_lp := float(tail_best)) > best:
-                    best, token = tail_lp, int(tail_id) + self.bounds[i]
-        return torch.tensor([token], device=h.device)
 
     def forward(self, h: Tensor, targets: Tensor | None = None) -> Tensor:
         """nll(h, targets) [B, T] when targets are given, else log_probs(h) [B, T, V]."""

@@ -276,10 +276,15 @@ def test_tail_clusters_are_computed_only_for_the_tokens_that_need_them(monkeypat
     assert calls == [(1, 0), (2, 2)]
 
 
-def test_a_single_token_embeds_as_in_a_batch_through_its_cluster_alone():
-    emb = AdaptiveEmbedding(V, 16, [50, 150], div_value=2.0).eval()
+def test_a_few_tokens_embed_as_in_a_batch_through_their_clusters_alone():
+    emb = AdaptiveEmbedding(V, 16, [50, 150], div_value=2.0)
     edges = torch.tensor([[0, 49, 50, 149, 150, V - 1]])
-    batched = emb(edges)  # (1, 6, 16), every cluster's rows gathered and scattered back
+    batched = emb(edges)  # (1, 6, 16), training mode: every cluster's rows gathered and scattered back
+    emb.eval()
+    for ids in (edges, edges.view(3, 2), edges[:, 2:4], torch.tensor([[160, 3, 170], [5, 4, 0]])):
+        # routed on the host: the same rows through the same ops, bit for bit
+        assert torch.equal(emb(ids), emb.train()(ids)), ids
+        emb.eval()
     for j, token in enumerate(edges[0].tolist()):
         own = sum(token >= b for b in emb.bounds[1:-1])
         others_nan = copy.deepcopy(emb)
