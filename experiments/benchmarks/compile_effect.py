@@ -17,11 +17,11 @@ import time
 
 import torch
 
+from experiments.benchmarks.options import apply_machine_options, machine_parser
 from experiments.benchmarks.reporting import emit
 from experiments.benchmarks.timing import interleaved_medians
 from experiments.benchmarks.workloads import W1_NAME as WORKLOAD
 from experiments.benchmarks.workloads import Workload, build, local_wikitext2, token_batch
-from lightning_modules.training.cpu_allocator import ALLOCATOR_MODES, configure_cpu_allocator
 
 
 def seconds(fn) -> float:
@@ -56,16 +56,12 @@ def compare(layer_type: str, args: argparse.Namespace, x: torch.Tensor, y: torch
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=9)
-    parser.add_argument("--threads", type=int, default=2)
+    parser = machine_parser(__doc__, repeats=9)
     parser.add_argument("--layer-types", default="all_attention,transformer_xl")
-    parser.add_argument("--cpu-allocator", choices=ALLOCATOR_MODES, default="retain")
     args = parser.parse_args()
-    configure_cpu_allocator(args.cpu_allocator)
-    torch.set_num_threads(args.threads)
+    machine = apply_machine_options(args)
     x, y, source = token_batch(local_wikitext2())
-    extra = {"threads": torch.get_num_threads(), "tokens": source, "torch": torch.__version__}
+    extra = {"threads": machine["threads"], "tokens": source, "torch": torch.__version__}
     for layer_type in args.layer_types.split(","):
         compare(layer_type, args, x, y, extra)
 

@@ -19,11 +19,11 @@ import argparse
 
 import torch
 
+from experiments.benchmarks.options import apply_machine_options, machine_parser
 from experiments.benchmarks.reporting import emit
 from experiments.benchmarks.timing import interleaved_medians
 from experiments.benchmarks.workloads import PAPER_SHAPES, Workload, build, token_batch
 from lightning_modules.model import LAYER_TYPES
-from lightning_modules.training.cpu_allocator import ALLOCATOR_MODES, configure_cpu_allocator
 
 REMOVED_FRACTIONS = (0.0, 0.25, 0.5, 0.75)
 
@@ -37,18 +37,13 @@ def paper_stack(layer_type: str, removed: float, args: argparse.Namespace, devic
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = machine_parser(__doc__, repeats=7)
     parser.add_argument("--layers", type=int, default=2, help="layers in the timed stack (paper: 16)")
     parser.add_argument("--batch", type=int, default=4, help="rows per segment")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--cpu-allocator", choices=ALLOCATOR_MODES, default="retain")
     args = parser.parse_args()
-    configure_cpu_allocator(args.cpu_allocator)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_machine_options(args)
     device = torch.device(args.device)
     workload = (f"paper layer shapes x{args.layers} layers, batch {args.batch}, segment 192 + memory 192, fp32, "
                 f"{device.type}, {torch.get_num_threads()} threads")
