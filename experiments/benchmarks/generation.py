@@ -49,10 +49,10 @@ def forward_steps(model: MemoryTransformerLM, prompt: torch.Tensor, n: int) -> t
     inference mode as ``generate`` runs (and Lightning's predict loop), so that the two differ only by their path."""
     with torch.inference_mode():
         out = model(prompt)
-        tokens = []
-        for _ in range(n):
-            tokens.append(out.log_probs[:, -1].argmax(-1))
+        tokens = [out.log_probs[:, -1].argmax(-1)]
+        for _ in range(n - 1):  # no step after the last token, as generate
             out = model(tokens[-1][:, None], memory=out.memory)
+            tokens.append(out.log_probs[:, -1].argmax(-1))
     return torch.stack(tokens, 1)
 
 

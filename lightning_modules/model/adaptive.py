@@ -71,14 +71,15 @@ class AdaptiveEmbedding(nn.Module):
         if len(tokens) == 1:
             i = clusters[0]
             row = self.embs[i].weight[tokens[0] - self.bounds[i]].view(1, -1)  # (1, d_i)
-            return row.clone() if self.projs is None else F.linear(row, self.projs[i].weight)
+            e = row.clone() if self.projs is None else F.linear(row, self.projs[i].weight)
+            return e.to(weight.dtype)  # as the general path gives it, also under autocast
         h = None
         for i in sorted(set(clusters)):
             at = [j for j, c in enumerate(clusters) if c == i]
             local = torch.tensor([tokens[j] - self.bounds[i] for j in at], device=weight.device)
             e = self._cluster(i, local)  # (n_i, d)
             if len(at) == len(tokens):
-                return e
+                return e.to(weight.dtype)
             if h is None:
                 h = weight.new_empty(len(tokens), self.d_model)
             h[torch.tensor(at, device=weight.device)] = e.to(h.dtype)
@@ -196,7 +197,8 @@ class AdaptiveSoftmax(nn.Module):
         log p(w) = log p_head(cluster) + log p_tail(w | cluster) <= log p_head(cluster), so a tail cluster whose head
         log-probability is below what the shortlist already offers cannot hold the answer and is skipped:
           - greedy (``temperature`` 0): the argmax of the full distribution (ties to the lower id, as ``argmax``);
-            a tail is computed only when some row's cluster log-probability beats that row's best word so far;
+            a tail is computed (for every row) only when some row's cluster log-probability beats that row's best
+            word so far;
           - ``top_k``: the k most likely words of the full distribution (a tail is computed only when its cluster
             log-probability beats the current k-th candidate), then one drawn from softmax(log p / temperature);
           - temperature 1, no top-k: the head's cluster first, then a word within that tail only, which is the

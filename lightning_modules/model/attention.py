@@ -396,7 +396,7 @@ class RelativeMultiHeadAttention(nn.Module):
         step_bias[:, D] = 1
         step_bias = torch.cat([step_bias.view(-1), mem.new_zeros(w_step.size(0) - H * (D + 1))])
         w_step_t = w_step.t().contiguous()  # (d, H*(D+1) + H*(D+1) + H*D)
-        kv = (mem @ w_step_t[:, H * (D + 1) :]).view(B, M, -1)  # (B, M, H*(D+1) + H*D): [k; u·k] / sqrt(D), v
+        kv = mem @ w_step_t[:, H * (D + 1) :]  # (B, M, H*(D+1) + H*D): [k; u·k] / sqrt(D), v
         # one stream: the persistent slots are copied in front of the context ones, so that one product covers both;
         # for B rows they would be copied and read B times, so they stay apart, shared by the rows
         P = N if B == 1 else 0
@@ -424,13 +424,15 @@ class RelativeMultiHeadAttention(nn.Module):
         re-laying out the keys/values. The step's one projection gives, per head, the query with a 1 appended
         (q, 1), the key with its u-term (k, u·k) / sqrt(D) and the value, so that (q, 1)·(k, u·k) / sqrt(D) is the
         content logit (q + u)·k / sqrt(D), and against the position rows (r, v'·r) / sqrt(D) the position logit
-        (q + v')·r / sqrt(D); the persistent slots hold (K_n, 0). -> [B, 1, d_model]."""
+        (q + v')·r / sqrt(D); for one stream the persistent slots in the ring hold (K_n, 0), for B rows they are
+        apart and meet the query q alone. -> [B, 1, d_model]."""
         if ring.head_ids is not self.head_ids:  # select_heads_ replaces head_ids: a removal since it was built
             raise ValueError(f"the ring cache holds heads {ring.head_ids.tolist()}, the module "
                              f"{self.head_ids.tolist()}: build it again after removing heads")
         H, D, N = self.n_heads, self.d_head, self.n_persistent
         B, S = x.size(0), ring.positions.size(-1) // 2
         P = ring.keys.size(-1) - S  # persistent slots held in the ring (one stream), else 0
+        x = as_dtype(x, ring.w_step_t.dtype)  # the ring's dtype (its memory's)
         torch.addmm(ring.step_bias, x.view(B, -1), ring.w_step_t, out=ring.projected)  # (B, 2*H*(D+1) + H*D)
         slot = P + (S - 1 + ring.steps) % S  # the oldest position's slot (the free one at the first step)
         ring.keys.select(-1, slot).copy_(ring.new_keys)

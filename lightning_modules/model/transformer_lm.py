@@ -300,10 +300,12 @@ class MemoryTransformerLM(nn.Module, PretrainedMixin):
 
     def _ring_step(self, input_ids: Tensor, rings: list[RingKVCache | None]) -> Tensor:
         """One generation step (eval mode) through the layers' ring caches, which it advances in place:
-        ``input_ids`` [B, 1] -> the last hidden state [B, 1, d]."""
-        h = self._embed(input_ids)  # (B, 1, d)
-        for layer, ring in zip(self.layers, rings, strict=True):
-            h = layer.forward_ring(h, ring, head_scale=self._head_scale(layer))
+        ``input_ids`` [B, 1] -> the last hidden state [B, 1, d]. Outside autocast: each ring computes in the dtype
+        it holds (its memory's), into buffers of that dtype."""
+        with torch.autocast(input_ids.device.type, enabled=False):
+            h = self._embed(input_ids)  # (B, 1, d)
+            for layer, ring in zip(self.layers, rings, strict=True):
+                h = layer.forward_ring(h, ring, head_scale=self._head_scale(layer))
         return self.drop_out(h)
 
     def _check_memory(self, memory: list[Tensor], batch_size: int) -> None:
@@ -353,8 +355,8 @@ class MemoryTransformerLM(nn.Module, PretrainedMixin):
         Greedy tokens are those of stepping ``model(ids[:, -1:], memory=memory)`` and taking the argmax.
         Runs in inference mode (no autograd bookkeeping per op); the tokens returned are an ordinary tensor.
         """
-        if prompt_ids.dim() != 2 or prompt_ids.size(1) == 0:
-            raise ValueError(f"prompt_ids must be [batch, length >= 1]; got {tuple(prompt_ids.shape)}")
+        if prompt_ids.dim() != 2 or 0 in prompt_ids.shape:
+            raise ValueError(f"prompt_ids must be [batch >= 1, length >= 1]; got {tuple(prompt_ids.shape)}")
         if max_new_tokens < 0 or temperature < 0 or (top_k is not None and top_k < 1):
             raise ValueError(f"need max_new_tokens >= 0, temperature >= 0, top_k >= 1 or None; got "
                              f"{max_new_tokens}, {temperature}, {top_k}")

@@ -146,6 +146,19 @@ def test_greedy_generation_gives_the_tokens_of_stepping_forward(layer_type, impl
     assert torch.equal(model.generate(prompt[:1], 12, temperature=0), step_forward_greedy(model, prompt[:1], 12))
 
 
+@pytest.mark.parametrize("layer_type", LAYER_TYPES)
+def test_generation_without_memory_and_under_autocast(layer_type):
+    no_memory = small_model(layer_type=layer_type, mem_len=0, same_length=False)  # a ring of the token alone
+    prompt = torch.randint(0, V, (2, 5))
+    for rows in (prompt[:1], prompt):
+        assert torch.equal(no_memory.generate(rows, 8, temperature=0), step_forward_greedy(no_memory, rows, 8))
+    model = small_model(layer_type=layer_type)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as a bf16-mixed predict loop runs it
+        for rows in (prompt[:1], prompt):
+            tokens = model.generate(rows, 8, temperature=0)
+            assert tokens.shape == (rows.size(0), 8) and bool(((tokens >= 0) & (tokens < V)).all())
+
+
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("layer_type", LAYER_TYPES)
 def test_the_ring_step_equals_the_cached_forward_past_the_ring_wrapping_with_gates(layer_type, batch):
@@ -213,7 +226,7 @@ def test_adaptive_softmax_draws_equal_the_full_distribution():
     with torch.no_grad():
         assert torch.equal(model.softmax.draw(h, 0.0), full.argmax(-1))
 
-    # one row at a time (the host rule), also with the tails made likely enough to hold some of the answers
+    # one row at a time, also with the tails made likely enough to hold some of the answers
     tilted = copy.deepcopy(model)
     with torch.no_grad():
         tilted.softmax.cluster.bias += 6.0

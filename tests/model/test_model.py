@@ -448,5 +448,6 @@ def test_sampled_generation_respects_top_k_and_seed():
     a = model.generate(prompt, 6, temperature=2.0, generator=torch.Generator().manual_seed(3))
     b = model.generate(prompt, 6, temperature=2.0, generator=torch.Generator().manual_seed(3))
     assert torch.equal(a, b)
-    with pytest.raises(ValueError, match="prompt_ids"):
-        model.generate(prompt[:, :0], 3)
+    for empty in (prompt[:, :0], prompt[:0]):
+        with pytest.raises(ValueError, match="prompt_ids"):
+            model.generate(empty, 3)
