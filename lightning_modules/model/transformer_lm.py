@@ -7,6 +7,7 @@ Forward: adaptive embedding -> input dropout -> x sqrt(d) -> layers, each with i
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import math
@@ -300,12 +301,11 @@ class MemoryTransformerLM(nn.Module, PretrainedMixin):
 
     def _ring_step(self, input_ids: Tensor, rings: list[RingKVCache | None]) -> Tensor:
         """One generation step (eval mode) through the layers' ring caches, which it advances in place:
-        ``input_ids`` [B, 1] -> the last hidden state [B, 1, d]. Outside autocast: each ring computes in the dtype
-        it holds (its memory's), into buffers of that dtype."""
-        with torch.autocast(input_ids.device.type, enabled=False):
-            h = self._embed(input_ids)  # (B, 1, d)
-            for layer, ring in zip(self.layers, rings, strict=True):
-                h = layer.forward_ring(h, ring, head_scale=self._head_scale(layer))
+        ``input_ids`` [B, 1] -> the last hidden state [B, 1, d]. Call it outside autocast: each ring computes in the
+        dtype it holds (its memory's), into buffers of that dtype."""
+        h = self._embed(input_ids)  # (B, 1, d)
+        for layer, ring in zip(self.layers, rings, strict=True):
+            h = layer.forward_ring(h, ring, head_scale=self._head_scale(layer))
         return self.drop_out(h)
 
     def _check_memory(self, memory: list[Tensor], batch_size: int) -> None:
@@ -375,15 +375,19 @@ class MemoryTransformerLM(nn.Module, PretrainedMixin):
         rings = self._new_rings(memory) if use_cache and max_new_tokens >= RING_MIN_TOKENS else None
         head_t = self.softmax.transposed_head() if rings is not None else None
         new_tokens = []
-        for step in range(max_new_tokens):
-            next_ids = self.softmax.draw(h[:, -1], temperature, top_k, generator, head_t)  # (B,)
-            new_tokens.append(next_ids)
-            if step + 1 == max_new_tokens:
-                break
-            if rings is None:
-                h, memory, _ = self._hidden(next_ids[:, None], memory, None, False)  # (B, 1, d)
-            else:
-                h = self._ring_step(next_ids[:, None], rings)  # (B, 1, d)
+        device = prompt_ids.device.type
+        # the ring steps (and the draws between them) run outside autocast, in the dtype the rings hold
+        no_autocast = rings is not None and torch.is_autocast_enabled(device)
+        with torch.autocast(device, enabled=False) if no_autocast else contextlib.nullcontext():
+            for step in range(max_new_tokens):
+                next_ids = self.softmax.draw(h[:, -1], temperature, top_k, generator, head_t)  # (B,)
+                new_tokens.append(next_ids)
+                if step + 1 == max_new_tokens:
+                    break
+                if rings is None:
+                    h, memory, _ = self._hidden(next_ids[:, None], memory, None, False)  # (B, 1, d)
+                else:
+                    h = self._ring_step(next_ids[:, None], rings)  # (B, 1, d)
         return torch.stack(new_tokens, 1) if new_tokens else prompt_ids.new_zeros(prompt_ids.size(0), 0)
 
     # ------------------------------------------------------------------------------------ introspection
