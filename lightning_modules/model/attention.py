@@ -392,9 +392,8 @@ class RelativeMultiHeadAttention(nn.Module):
         # transposed: at batch 1 it is a product of one row, which MKL runs faster with the outputs contiguous
         w_step = torch.cat([torch.cat([w_q, torch.zeros_like(w_uk)], 1).view(-1, w_q.size(-1)),
                             (torch.cat([w_k, w_uk], 1) * scale).view(-1, w_q.size(-1)), w_v.reshape(H * D, -1)])
-        step_bias = mem.new_zeros(H, D + 1)
-        step_bias[:, D] = 1
-        step_bias = torch.cat([step_bias.view(-1), mem.new_zeros(w_step.size(0) - H * (D + 1))])
+        step_bias = mem.new_zeros(w_step.size(0))
+        step_bias[D : H * (D + 1) : D + 1] = 1  # the query's appended 1, per head
         w_step_t = w_step.t().contiguous()  # (d, H*(D+1) + H*(D+1) + H*D)
         kv = mem @ w_step_t[:, H * (D + 1) :]  # (B, M, H*(D+1) + H*D): [k; u·k] / sqrt(D), v
         # one stream: the persistent slots are copied in front of the context ones, so that one product covers both;
